@@ -1,0 +1,136 @@
+"""Uniform integer quantization primitives shared by RTN, GPTQ, AWQ and the runtime modules.
+
+Convention (the one GPTQ and compressed-tensors use, written with unsigned codes):
+    q = clamp(round(w / s) + z, 0, 2^b - 1),      w_hat = (q - z) * s
+Asymmetric: the range [min(w, 0), max(w, 0)] is mapped onto the 2^b codes, s = (max - min) / (2^b - 1),
+z = round(-min / s). Symmetric: s = absmax / ((2^b - 1) / 2), z = 2^(b-1) (fixed), i.e. compressed-tensors'
+signed grid [-2^(b-1), 2^(b-1) - 1] with zero point 0, shifted by 2^(b-1).
+
+Granularity is expressed by `group_size`: 0 = one scale for the whole tensor, -1 = one per output row
+(per-channel), g > 0 = one per row and per block of g consecutive input columns. A column-to-group map
+`g_idx` (length in_features) generalises contiguous groups, as GPTQ's act-order needs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def max_code(bits: int) -> int:
+    """Largest unsigned code for `bits` bits (2^b - 1)."""
+    return (1 << bits) - 1
+
+
+def choose_qparams(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point per row of `w` (R, C), computed over its C columns.
+
+    Returns (scale (R, 1) fp32, zero (R, 1) fp32 holding integers).
+    """
+    w = w.float()
+    maxq = max_code(bits)
+    wmin = w.amin(dim=1, keepdim=True).clamp(max=0)
+    wmax = w.amax(dim=1, keepdim=True).clamp(min=0)
+    if symmetric:
+        absmax = torch.maximum(wmin.abs(), wmax)
+        scale = absmax / (maxq / 2)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        scale = (wmax - wmin) / maxq
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Integer codes (same shape as w, float dtype holding integers in [0, 2^b - 1])."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, max_code(bits))
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """w_hat = (q - z) * s, in fp32."""
+    return (q.float() - zero) * scale
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Quantize then dequantize: the value the quantized model will compute with."""
+    return dequantize(quantize(w, scale, zero, bits), scale, zero)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of scale columns per row for a layer with `in_features` inputs."""
+    if group_size <= 0:
+        return 1
+    return (in_features + group_size - 1) // group_size
+
+
+def default_g_idx(in_features: int, group_size: int, device=None) -> Tensor:
+    """Column -> group map for contiguous groups (all zeros for per-tensor / per-channel)."""
+    cols = torch.arange(in_features, device=device, dtype=torch.int32)
+    if group_size <= 0:
+        return torch.zeros_like(cols)
+    return cols // group_size
+
+
+def group_qparams(W: Tensor, bits: int, symmetric: bool, group_size: int) -> tuple[Tensor, Tensor]:
+    """Scales and zero points for a weight W (out, in) at the given granularity.
+
+    Returns (scale (out, G), zero (out, G)), G = num_groups(in, group_size).
+    """
+    out_f, in_f = W.shape
+    if group_size == 0:
+        s, z = choose_qparams(W.reshape(1, -1), bits, symmetric)
+        return s.expand(out_f, 1).contiguous(), z.expand(out_f, 1).contiguous()
+    if group_size < 0:
+        return choose_qparams(W, bits, symmetric)
+    if in_f % group_size:
+        raise ValueError(f"group size {group_size} does not divide in_features {in_f}")
+    G = in_f // group_size
+    s, z = choose_qparams(W.reshape(out_f * G, group_size), bits, symmetric)
+    return s.reshape(out_f, G), z.reshape(out_f, G)
+
+
+def quantize_grouped(W: Tensor, scale: Tensor, zero: Tensor, bits: int, g_idx: Tensor | None = None,
+                     group_size: int = -1) -> Tensor:
+    """Codes (out, in) as uint8 for W (out, in) with per-group qparams (out, G) and column map g_idx (in,)."""
+    if g_idx is None:
+        g_idx = default_g_idx(W.shape[1], group_size, W.device)
+    g = g_idx.long()
+    return quantize(W, scale[:, g], zero[:, g], bits).to(torch.uint8)
+
+
+def dequantize_grouped(Q: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor | None = None,
+                       group_size: int = -1) -> Tensor:
+    """W_hat (out, in) fp32 from codes Q (out, in), qparams (out, G) and column map g_idx (in,)."""
+    if g_idx is None:
+        g_idx = default_g_idx(Q.shape[1], group_size, Q.device)
+    g = g_idx.long()
+    return dequantize(Q, scale[:, g], zero[:, g])
+
+
+def rtn_quantize(W: Tensor, bits: int, symmetric: bool, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest: returns (codes (out, in) uint8, scale (out, G), zero (out, G))."""
+    scale, zero = group_qparams(W, bits, symmetric, group_size)
+    return quantize_grouped(W, scale, zero, bits, group_size=group_size), scale, zero
+
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class QuantResult:
+    """A quantized weight in the common form every method returns and every runtime module accepts.
+
+    codes (out, in) uint8 in [0, 2^bits - 1]; scale, zero (out, G) fp32 (zero holds integers);
+    g_idx (in,) int32 maps input column -> group; W_hat = (codes - zero[:, g_idx]) * scale[:, g_idx].
+    """
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    g_idx: Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    def dequantize(self) -> Tensor:
+        return dequantize_grouped(self.codes, self.scale, self.zero, self.g_idx)

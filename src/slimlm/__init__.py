@@ -1,0 +1,24 @@
+"""slimlm: make language models small, cheap and fast to adapt, CPU first.
+
+Quantize, prune, adapt and distill in one toolkit, with evaluation built in and outputs that
+transformers, PEFT and vLLM load.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model", "load_tokenizer", "save_model", "evaluate", "quantize", "prune",
+           "calibration_data", "SlimlmError"]
+
+from .errors import SlimlmError
+
+
+def __getattr__(name: str):
+    # Heavy imports (torch, transformers) only when the API is used.
+    if name in ("load_model", "load_tokenizer", "save_model"):
+        from . import models
+        return getattr(models, name)
+    if name in ("evaluate", "quantize", "prune", "calibration_data"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'slimlm' has no attribute {name!r}")

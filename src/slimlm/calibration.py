@@ -1,0 +1,349 @@
+"""The layer-by-layer calibration runner shared by every post-training method (GPTQ, AWQ, SparseGPT, Wanda).
+
+Calibration windows go through the model one decoder block at a time:
+1. the inputs of the first block (hidden states plus whatever keyword arguments the architecture passes:
+   attention mask, position embeddings, ...) are captured by running the model until block 0 is entered;
+2. for each block, the linear layers are discovered in execution order and grouped by shared input
+   (q/k/v; o; gate/up; down for a Llama block). For each group, one pass over the calibration inputs
+   accumulates the statistics the method asks for (X^T X Hessian, per-channel sums of x^2 and |x|, a
+   subsample of input rows), stopping the block as soon as the group's inputs are seen; the method then
+   rewrites the group's weights. With `sequential=True` ("true-sequential") each group sees inputs produced
+   by the already-processed groups; otherwise one pass collects every group's statistics;
+3. the block runs once more to produce the (now compressed) inputs of the next block.
+
+Only the current block and its activations live on the compute device. Blocks are found generically: the
+longest `nn.ModuleList` of same-class modules. Linear layers are `nn.Linear` and transformers' `Conv1D`
+(GPT-2, weights stored transposed), wrapped by `LinearInfo` so methods always see W as (out, in).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+STATS = frozenset({"hessian", "sq_sum", "abs_sum", "inputs"})
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+def is_linear(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder (or encoder) blocks: the longest ModuleList whose children share one class."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            if len({type(c) for c in m}) == 1 and any(is_linear(x) for x in m[0].modules()):
+                if best is None or len(m) > len(best[1]):
+                    best = (name, m)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of transformer blocks with linear layers")
+    return best
+
+
+@dataclass
+class LinearInfo:
+    """A linear layer inside a block, with its weight always seen as W (out, in)."""
+    name: str            # qualified name in the model, e.g. "model.layers.3.self_attn.q_proj"
+    module: nn.Module
+
+    @property
+    def transposed(self) -> bool:
+        return not isinstance(self.module, nn.Linear)
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[0 if self.transposed else 1]
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[1 if self.transposed else 0]
+
+    def weight(self) -> Tensor:
+        """A float32 copy of W (out, in)."""
+        w = self.module.weight.detach()
+        return (w.t() if self.transposed else w).float().clone()
+
+    def set_weight(self, W: Tensor) -> None:
+        """Write W (out, in) back in the module's own layout and dtype."""
+        p = self.module.weight
+        with torch.no_grad():
+            p.copy_((W.t() if self.transposed else W).to(p.dtype))
+
+
+@dataclass
+class LinearStats:
+    """Statistics of one group's common input x (rows = tokens), accumulated over calibration data."""
+    nsamples: int = 0
+    hessian: Tensor | None = None   # (in, in) fp32: 2/n * sum_t x_t x_t^T  (after finalize)
+    sq_sum: Tensor | None = None    # (in,) fp32: sum_t x_t^2   (Wanda's ||X_j||_2^2)
+    abs_sum: Tensor | None = None   # (in,) fp32: sum_t |x_t|   (AWQ's activation magnitude * n)
+    inputs: Tensor | None = None    # (k, in) a subsample of input rows, in the forward dtype
+    _rows: list = field(default_factory=list, repr=False)
+
+    def add(self, x: Tensor, needs: frozenset, fast: bool, keep_rows: int) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        n = x.shape[0]
+        if "hessian" in needs:
+            xm = x.to(torch.bfloat16) if fast else x.float()
+            xx = (xm.t() @ xm).float()
+            self.hessian = xx if self.hessian is None else self.hessian.add_(xx)
+        xf = x.float() if ({"sq_sum", "abs_sum"} & needs) else None
+        if "sq_sum" in needs:
+            s = xf.pow(2).sum(0)
+            self.sq_sum = s if self.sq_sum is None else self.sq_sum.add_(s)
+        if "abs_sum" in needs:
+            s = xf.abs().sum(0)
+            self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
+        if "inputs" in needs and keep_rows > 0:
+            have = sum(r.shape[0] for r in self._rows)
+            if have < keep_rows:
+                step = max(1, n // max(1, keep_rows // 8))
+                self._rows.append(x[::step][: keep_rows - have].detach().clone())
+        self.nsamples += n
+
+    def finalize(self) -> None:
+        if self.hessian is not None and self.nsamples:
+            self.hessian.mul_(2.0 / self.nsamples)
+        if self._rows:
+            self.inputs = torch.cat(self._rows)
+            self._rows = []
+
+
+# ----------------------------------------------------------------------------------------------- contexts
+class _Stop(Exception):
+    """Raised inside a block to stop a forward pass once the inputs of interest have been seen."""
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of the current block: its inputs and a way to run it."""
+    index: int
+    block: nn.Module
+    prefix: str                      # qualified name of the block, e.g. "model.layers.3"
+    inputs: list[Tensor]             # hidden states per batch (B, T, C), on the compute device
+    args: list[tuple]                # further positional arguments per batch
+    kwargs: list[dict]               # keyword arguments per batch
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+    def forward(self, module: nn.Module | None = None, batches: Iterable[int] | None = None) -> list[Tensor]:
+        """Run the block (or a replacement `module` taking the same arguments) on the captured inputs."""
+        module = module or self.block
+        idx = range(len(self.inputs)) if batches is None else batches
+        outs = []
+        with torch.no_grad(), self.autocast():
+            for i in idx:
+                out = module(self.inputs[i], *self.args[i], **self.kwargs[i])
+                outs.append((out[0] if isinstance(out, (tuple, list)) else out).to(self.inputs[i].dtype))
+        return outs
+
+
+class Processor(Protocol):
+    """A post-training method as the runner sees it."""
+    needs: frozenset            # subset of STATS
+    sequential: bool            # true-sequential groups inside a block
+
+    def process(self, ctx: BlockContext, group: list[tuple[LinearInfo, LinearStats]]) -> None:
+        """Rewrite the weights of one group of linear layers (they share one input, hence one LinearStats)."""
+
+
+# ----------------------------------------------------------------------------------------------- the runner
+@dataclass
+class RunnerOptions:
+    batch_size: int = 8              # windows per forward pass
+    fast: bool = True                # bf16 autocast forwards and bf16 X^T X products (fp32 accumulation)
+    device: str = "cpu"
+    keep_rows: int = 4096            # rows of input kept per group when a method needs "inputs"
+    progress: bool = True
+
+
+def _autocast_factory(opts: RunnerOptions):
+    if not opts.fast:
+        return contextlib.nullcontext
+    dev = torch.device(opts.device).type
+    return lambda: torch.autocast(device_type=dev, dtype=torch.bfloat16)
+
+
+@dataclass
+class Captured:
+    """Block-0 inputs per batch, and what every block received on the first batch of each shape."""
+    inputs: list[Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+    first: dict[tuple, list]          # hidden-state shape -> [(args, kwargs) seen by block i]
+
+    def block_arguments(self, i: int) -> tuple[list[tuple], list[dict]]:
+        """Arguments of block i for every batch.
+
+        Most architectures hand every block the same objects (one mask, one pair of rotary tables); a value
+        that block i received as a different object than block 0 (Gemma 3's sliding-window layers get their
+        own mask and rotary tables) is taken from block i's own call on the first batch of that shape.
+        """
+        args, kwargs = [], []
+        for b in range(len(self.inputs)):
+            seen = self.first[tuple(self.inputs[b].shape)]
+            a0, kw0 = seen[0]
+            ai, kwi = seen[i]
+            kwargs.append({k: (self.kwargs[b][k] if k in kw0 and v is kw0[k] else v) for k, v in kwi.items()})
+            args.append(tuple(self.args[b][j] if j < len(a0) and v is a0[j] else v for j, v in enumerate(ai)))
+        return args, kwargs
+
+
+_DROP = ("hidden_states", "past_key_value", "past_key_values", "layer_past")
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
+                         opts: RunnerOptions) -> Captured:
+    """Run the model into block 0 for each batch of windows (all the way through for the first batch of
+    each shape, to see what every block receives) and keep block 0's hidden states and arguments."""
+    cap = Captured([], [], [], {})
+    state = {"record": None}
+
+    def make_hook(i):
+        def hook(_mod, args, kw):
+            hs = args[0] if args else kw["hidden_states"]
+            rest = tuple(_detach(a) for a in args[1:])
+            kw = {k: _detach(v) for k, v in kw.items() if k not in _DROP}
+            if i == 0:
+                cap.inputs.append(hs.detach())
+                cap.args.append(rest)
+                cap.kwargs.append(kw)
+            if state["record"] is not None:
+                state["record"].append((rest, kw))
+                return None
+            raise _Stop
+        return hook
+
+    hooks = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], opts.batch_size):
+                batch = windows[start:start + opts.batch_size].to(opts.device)
+                # The first batch of each shape runs through every block to record their arguments.
+                new_shape = not any(k[:2] == tuple(batch.shape) for k in cap.first)
+                state["record"] = [] if new_shape else None
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
+                if new_shape:
+                    cap.first[tuple(cap.inputs[-1].shape)] = state["record"]
+    finally:
+        for h in hooks:
+            h.remove()
+    return cap
+
+
+def _detach(v):
+    if isinstance(v, Tensor):
+        return v.detach()
+    if isinstance(v, tuple):
+        return tuple(_detach(x) for x in v)
+    return v
+
+
+def discover_groups(ctx: BlockContext) -> list[list[LinearInfo]]:
+    """Linear layers of the block in execution order, grouped by the input tensor they share."""
+    order: list[tuple[str, nn.Module, Tensor]] = []   # holding the inputs keeps their identity unique
+    hooks = []
+    for name, m in ctx.block.named_modules():
+        if is_linear(m):
+            def pre(mod, args, _name=name):
+                order.append((_name, mod, args[0]))
+            hooks.append(m.register_forward_pre_hook(pre))
+    try:
+        ctx.forward(batches=[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[LinearInfo]] = []
+    seen: dict[str, int] = {}
+    last_x = None
+    for name, mod, x in order:
+        if name in seen:  # a module called twice (weight sharing) keeps its first group
+            continue
+        info = LinearInfo(f"{ctx.prefix}.{name}", mod)
+        if groups and x is last_x:
+            groups[-1].append(info)
+        else:
+            groups.append([info])
+        seen[name] = len(groups) - 1
+        last_x = x
+    return groups
+
+
+def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset,
+             opts: RunnerOptions) -> list[LinearStats]:
+    """One pass over the calibration inputs accumulating stats of each group's input; stops early."""
+    stats = [LinearStats() for _ in groups]
+    last = groups[-1][0].module
+    hooks = []
+    for g, st in zip(groups, stats):
+        def pre(mod, args, _st=st, _stop=(g[0].module is last)):
+            _st.add(args[0].detach(), needs, opts.fast, opts.keep_rows)
+            if _stop:
+                raise _Stop
+        hooks.append(g[0].module.register_forward_pre_hook(pre))
+    try:
+        for i in range(len(ctx.inputs)):
+            try:
+                ctx.forward(batches=[i])
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    for st in stats:
+        st.finalize()
+    return stats
+
+
+def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
+                  opts: RunnerOptions | None = None) -> None:
+    """Apply `processor` to every block of `model`, block by block, on calibration `windows` (N, L)."""
+    from tqdm.auto import tqdm
+
+    opts = opts or RunnerOptions()
+    needs = frozenset(processor.needs)
+    if not needs <= STATS:
+        raise ValueError(f"unknown statistics {set(needs) - STATS}")
+    prefix, blocks = find_blocks(model)
+    was_training = model.training
+    model.eval()
+    cache_flag = getattr(model.config, "use_cache", None) if hasattr(model, "config") else None
+    if cache_flag is not None:
+        model.config.use_cache = False
+    autocast = _autocast_factory(opts)
+    try:
+        cap = capture_block_inputs(model, blocks, windows, opts)
+        inputs = cap.inputs
+        for i in tqdm(range(len(blocks)), desc="blocks", disable=not opts.progress, leave=False):
+            block = blocks[i]
+            home = next(block.parameters()).device
+            block.to(opts.device)
+            args, kwargs = cap.block_arguments(i)
+            ctx = BlockContext(i, block, f"{prefix}.{i}" if prefix else str(i), inputs, args, kwargs, autocast)
+            groups = discover_groups(ctx)
+            if processor.sequential:
+                for g in groups:
+                    st = _collect(ctx, [g], needs, opts)[0]
+                    processor.process(ctx, [(info, st) for info in g])
+            else:
+                all_stats = _collect(ctx, groups, needs, opts)
+                for g, st in zip(groups, all_stats):
+                    processor.process(ctx, [(info, st) for info in g])
+            inputs = ctx.forward()
+            block.to(home)
+    finally:
+        if cache_flag is not None:
+            model.config.use_cache = cache_flag
+        model.train(was_training)

@@ -1,0 +1,113 @@
+"""AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration").
+
+Scaling (paper sec. 3.2): quantize W diag(s) and fold diag(s)^-1 into the producer of x, so the layer computes
+Q(W diag(s)) (diag(s)^-1 x). With s = s_x^alpha, s_x the mean |x| per input channel, the salient channels get
+finer relative precision; alpha in [0, 1) is grid-searched on the layer's output error (eq. 5).
+Clipping: per group, the range max|w| is shrunk by a ratio that minimises the group's output error.
+
+These functions work on whatever W and X they get: after scaling, pass W * s and X / s to the clip search.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .quant import QuantResult, default_g_idx, dequantize_grouped, group_qparams, quantize_grouped
+
+
+def awq_scales(act_abs_mean: Tensor, alpha: float) -> Tensor:
+    """Per-input-channel scales s (in,) = a^alpha, floored at 1e-4, divided by sqrt(max(s) * min(s)) so the
+    scales are centred on 1 in log scale (as the reference implementation normalises them). alpha = 0 gives 1.
+    """
+    s = act_abs_mean.detach().float().pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def awq_grid_search(act_abs_mean: Tensor, loss_fn: Callable[[Tensor], float],
+                    n_grid: int = 20) -> tuple[Tensor, float, list[float]]:
+    """Search alpha in {0, 1/n, ..., (n-1)/n} minimising loss_fn(awq_scales(act_abs_mean, alpha)).
+
+    loss_fn(s) should return the output error of the layer(s) quantized with W diag(s), e.g.
+    ||X W^T - (X / s) Q(W diag(s))^T||^2. alpha = 0 (s = 1, plain RTN) is always tried, so the best loss is
+    never above RTN's. Returns (best_s (in,), best_alpha, losses per alpha).
+    """
+    if n_grid < 1:
+        raise ConfigError(f"n_grid must be >= 1, got {n_grid}")
+    losses: list[float] = []
+    best = (math.inf, 0.0, None)
+    for k in range(n_grid):
+        alpha = k / n_grid
+        s = awq_scales(act_abs_mean, alpha)
+        loss = float(loss_fn(s))
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, alpha, s)
+    if best[2] is None:
+        raise ValueError("loss_fn returned NaN for every alpha; check the calibration activations")
+    return best[2], best[1], losses
+
+
+def scaled_fake_quantize(W: Tensor, s: Tensor, bits: int, group_size: int, symmetric: bool) -> Tensor:
+    """Q(W diag(s)) diag(s)^-1 (out, in): the effective weight AWQ scaling yields, for use in a loss_fn."""
+    Ws = W.float() * s.unsqueeze(0)
+    scale, zero = group_qparams(Ws, bits, symmetric, group_size)
+    Q = quantize_grouped(Ws, scale, zero, bits, group_size=group_size)
+    return dequantize_grouped(Q, scale, zero, group_size=group_size) / s.unsqueeze(0)
+
+
+def _grouped(x: Tensor, group_size: int) -> Tensor:
+    """(R, in) -> (R, G, g); per channel (group_size -1) is one group of all inputs."""
+    g = x.shape[1] if group_size < 0 else group_size
+    return x.reshape(x.shape[0], -1, g)
+
+
+def quantize_clipped(W: Tensor, max_abs: Tensor, bits: int, group_size: int, symmetric: bool) -> QuantResult:
+    """RTN-quantize W (out, in) after clamping every group to [-max_abs, max_abs], max_abs (out, G).
+
+    group_size -1 (max_abs (out, 1)) or g > 0 dividing in. Scale/zero are taken from the clamped weights.
+    """
+    if group_size == 0 or (group_size > 0 and W.shape[1] % group_size):
+        raise ConfigError(f"clipping needs group_size -1 or a divisor of in_features {W.shape[1]}, "
+                          f"got {group_size}")
+    m = max_abs.float().unsqueeze(-1)
+    Wc = torch.maximum(torch.minimum(_grouped(W.float(), group_size), m), -m).reshape(W.shape)
+    scale, zero = group_qparams(Wc, bits, symmetric, group_size)
+    codes = quantize_grouped(Wc, scale, zero, bits, group_size=group_size)
+    return QuantResult(codes, scale, zero, default_g_idx(W.shape[1], group_size, W.device), bits, group_size,
+                       symmetric)
+
+
+def group_output_error(W: Tensor, W_hat: Tensor, gram: Tensor, group_size: int) -> Tensor:
+    """Per-group output error (out, G): e_og^T C_g e_og with e = W - W_hat and C_g = X_g^T X_g / n (G, g, g),
+    i.e. the mean over samples of (X_g (W_g - W_hat_g)^T)^2, ignoring cross-group terms."""
+    E = _grouped(W.float() - W_hat, group_size).transpose(0, 1)  # (G, out, g)
+    return (torch.bmm(E, gram) * E).sum(-1).transpose(0, 1)
+
+
+def awq_clip_search(W: Tensor, X: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int = 20,
+                    max_shrink: float = 0.5) -> Tensor:
+    """Per-group clipping thresholds max_abs (out, G) for W (out, in), given inputs X (n, in).
+
+    For each group the ratio r in {1, 1 - 1/n_grid, ..., 1 - max_shrink} of its max|w| minimising the group's
+    output error mean_t (x_t,g . (w_g - Q(clamp(w_g, +-r max|w_g|))))^2 is kept. r = 1 (no clipping) is
+    tried first and only beaten strictly, so the result is never worse than no clipping on this criterion.
+    """
+    if not 0.0 <= max_shrink < 1.0:
+        raise ConfigError(f"max_shrink must be in [0, 1), got {max_shrink}")
+    Xg = _grouped(X.float(), group_size).transpose(0, 1)  # (G, n, g)
+    gram = torch.bmm(Xg.transpose(1, 2), Xg) / X.shape[0]  # (G, g, g)
+    absmax = _grouped(W.float(), group_size).abs().amax(-1)  # (out, G)
+    best_err = torch.full_like(absmax, math.inf)
+    best = absmax.clone()
+    for k in range(round(max_shrink * n_grid) + 1):
+        cand = absmax * (1 - k / n_grid)
+        W_hat = quantize_clipped(W, cand, bits, group_size, symmetric).dequantize()
+        err = group_output_error(W, W_hat, gram, group_size)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, cand, best)
+    return best

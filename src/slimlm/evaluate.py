@@ -1,0 +1,151 @@
+"""Evaluation: perplexity, agreement with a reference model, size, and speed.
+
+Perplexity follows ../shared/BENCHMARKS.md: non-overlapping windows, fp32 forward, the loss summed over
+every predicted token (L - 1 per window of L) and exp(sum / count).
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .calibration import is_linear
+
+
+def _logits(model: nn.Module, ids: Tensor) -> Tensor:
+    out = model(input_ids=ids, use_cache=False)
+    return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: Tensor, *, progress: bool = True) -> dict:
+    """exp(mean next-token NLL) over `windows` (k, L); returns ppl, nll_sum and the scored token count."""
+    from tqdm.auto import tqdm
+
+    nll, count = 0.0, 0
+    for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+        ids = w[None]
+        logits = _logits(model, ids)[0, :-1]
+        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return {"perplexity": math.exp(nll / count), "nll_sum": nll, "tokens": count}
+
+
+@torch.no_grad()
+def agreement(model: nn.Module, reference: nn.Module, windows: Tensor, *, progress: bool = True) -> dict:
+    """Mean KL(P_ref || P_model) of the next-token distributions and top-1 agreement, per predicted token."""
+    from tqdm.auto import tqdm
+
+    kl, agree, count = 0.0, 0, 0
+    for w in tqdm(windows, desc="agreement", disable=not progress, leave=False):
+        ids = w[None]
+        lp = F.log_softmax(_logits(model, ids)[0, :-1], -1)
+        lq = F.log_softmax(_logits(reference, ids)[0, :-1], -1)
+        kl += F.kl_div(lp, lq, log_target=True, reduction="sum").item()
+        agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
+        count += lp.shape[0]
+    return {"kl_divergence": kl / count, "top1_agreement": agree / count, "tokens": count}
+
+
+def logical_numel(module: nn.Module) -> int:
+    """Parameters the model represents (a packed 4-bit weight counts in*out, not its int32 words)."""
+    total = 0
+    seen = set()
+    for m in module.modules():
+        own = getattr(m, "logical_numel", None)
+        if callable(own) and m is not module:
+            total += own()
+            seen.update(id(t) for t in list(m.parameters()) + list(m.buffers()))
+    for t in module.parameters():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return total
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.dtype, t.shape)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class Size:
+    parameters: int
+    resident_bytes: int
+    disk_bytes: int | None
+    bits_per_weight: float
+    linear_bits_per_weight: float
+
+
+def size(model: nn.Module, disk_bytes: int | None = None) -> Size:
+    params = logical_numel(model)
+    resident = tensor_bytes(model)
+    lin_bits, lin_params = 0, 0
+    for m in model.modules():
+        own = getattr(m, "logical_numel", None)
+        if callable(own):
+            lin_params += own()
+            lin_bits += 8 * tensor_bytes(m)
+        elif is_linear(m) and m.weight.device.type != "meta":
+            lin_params += m.weight.numel()
+            lin_bits += 8 * m.weight.numel() * m.weight.element_size()
+    return Size(params, resident, disk_bytes, 8 * resident / max(params, 1), lin_bits / max(lin_params, 1))
+
+
+@torch.no_grad()
+def speed(model: nn.Module, prompt: Tensor, *, new_tokens: int = 32, runs: int = 3) -> dict:
+    """Prefill and greedy decode tokens/s at batch 1 with the KV cache, medians over `runs`.
+
+    prefill = prompt tokens / time of the first forward; decode = new tokens / time of the single-token
+    steps that follow.
+    """
+    ids = prompt[None]
+    prefill, decode = [], []
+    _greedy(model, ids, 2)  # warm-up
+    for _ in range(runs):
+        t_pre, t_dec = _greedy(model, ids, new_tokens)
+        prefill.append(ids.shape[1] / t_pre)
+        decode.append(new_tokens / t_dec)
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
+            "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "runs": runs}
+
+
+def _greedy(model: nn.Module, ids: Tensor, n: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    t1 = time.perf_counter()
+    past = out.past_key_values
+    tok = out.logits[:, -1:].argmax(-1)
+    for _ in range(n):
+        out = model(input_ids=tok, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def peak_rss_bytes() -> int:
+    """Maximum resident set size of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def as_dict(x) -> dict:
+    return asdict(x) if hasattr(x, "__dataclass_fields__") else dict(x)
+
+
+def threads_from_env() -> int:
+    return int(os.environ.get("SLIMLM_THREADS", "2"))

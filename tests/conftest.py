@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny randomly initialised models of several architectures, built from configs (no
+download), and helpers. The real default model is used only by tests marked `slow`."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 128
+
+
+def _configs():
+    import transformers as T
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return {
+        "llama": lambda: T.LlamaConfig(**common, tie_word_embeddings=False),
+        "qwen2": lambda: T.Qwen2Config(**common),
+        "mistral": lambda: T.MistralConfig(**common, sliding_window=32),
+        "gemma3": lambda: T.Gemma3TextConfig(**{**common, "num_hidden_layers": 3}, head_dim=16,
+                                            sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        "phi3": lambda: T.Phi3Config(**common, pad_token_id=0),
+        "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
+        "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    }
+
+
+ARCHS = sorted(_configs())
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A tiny random causal LM of the given architecture, in eval mode, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = _configs()[arch]()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Random init leaves activations tiny; widen the weights so quantization and pruning are exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def random_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=g)

@@ -1,0 +1,103 @@
+"""AWQ math: scales, alpha grid search and clipping search on synthetic data with salient input channels."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimlm.core.awq import (
+    awq_clip_search,
+    awq_grid_search,
+    awq_scales,
+    group_output_error,
+    quantize_clipped,
+    scaled_fake_quantize,
+)
+from slimlm.core.quant import dequantize_grouped, max_code, rtn_quantize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def salient():
+    """Inputs where 4 of 128 channels are ~30x louder than the rest, as in LLM activations."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 128, generator=g)
+    X[:, [3, 40, 77, 100]] *= 30
+    return torch.randn(64, 128, generator=g), X
+
+
+def output_error(W, W_hat, X) -> float:
+    return float(((X @ (W - W_hat).T) ** 2).sum())
+
+
+def rtn(W, bits, group_size, symmetric=False):
+    return dequantize_grouped(*rtn_quantize(W, bits, symmetric, group_size), group_size=group_size)
+
+
+def test_awq_scales():
+    a = torch.tensor([0.0, 0.5, 2.0, 8.0])
+    assert torch.equal(awq_scales(a, 0.0), torch.ones(4))
+    s = awq_scales(a, 0.5)
+    assert s.max() * s.min() == pytest.approx(1.0)  # centred on 1 in log scale
+    assert torch.all(s[1:] > s[:-1])  # louder channel, larger scale
+    assert torch.isfinite(s).all() and s.min() > 0
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, -1), (4, -1), (3, 32), (4, 64)])
+def test_awq_scaling_beats_rtn(salient, bits, group_size):
+    W, X = salient
+    act_abs_mean = X.abs().mean(0)
+    losses_seen = []
+
+    def loss_fn(s):
+        loss = output_error(W, scaled_fake_quantize(W, s, bits, group_size, False), X)
+        losses_seen.append(loss)
+        return loss
+
+    best_s, best_alpha, losses = awq_grid_search(act_abs_mean, loss_fn, n_grid=10)
+    assert losses == losses_seen and len(losses) == 10
+    rtn_loss = output_error(W, rtn(W, bits, group_size), X)
+    assert losses[0] == pytest.approx(rtn_loss, rel=1e-5)  # alpha = 0 is plain RTN
+    assert best_alpha > 0 and min(losses) == losses[round(best_alpha * 10)]
+    assert torch.equal(best_s, awq_scales(act_abs_mean, best_alpha))
+    assert min(losses) < 0.8 * rtn_loss
+
+
+def test_grid_search_picks_minimum():
+    a = torch.rand(16) + 0.1
+    target = awq_scales(a, 0.3)
+    _s, alpha, losses = awq_grid_search(a, lambda s: float(((s - target) ** 2).sum()), n_grid=20)
+    assert alpha == pytest.approx(0.3) and len(losses) == 20
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(3, -1, False), (3, 32, False), (4, 32, True)])
+def test_clip_search_never_worse(salient, bits, group_size, symmetric):
+    W, X = salient
+    max_abs = awq_clip_search(W, X, bits, group_size, symmetric)
+    G = 1 if group_size < 0 else 128 // group_size
+    absmax = W.abs().reshape(64, G, -1).amax(-1)
+    assert max_abs.shape == (64, G)
+    assert torch.all(max_abs <= absmax) and torch.all(max_abs >= 0.5 * absmax - 1e-6)
+    res = quantize_clipped(W, max_abs, bits, group_size, symmetric)
+    assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= max_code(bits)
+    Xg = X.reshape(256, G, -1).transpose(0, 1)
+    gram = Xg.transpose(1, 2) @ Xg / 256
+    clipped = group_output_error(W, res.dequantize(), gram, group_size)
+    plain = group_output_error(W, rtn(W, bits, group_size, symmetric), gram, group_size)
+    assert torch.all(clipped <= plain)
+    assert clipped.sum() < plain.sum()  # some group does gain
+    assert output_error(W, res.dequantize(), X) < output_error(W, rtn(W, bits, group_size, symmetric), X)
+
+
+def test_clip_at_absmax_is_rtn(salient):
+    W, _ = salient
+    absmax = W.abs().reshape(64, 4, 32).amax(-1)
+    res = quantize_clipped(W, absmax, 4, 32, False)
+    codes, scale, _zero = rtn_quantize(W, 4, False, 32)
+    assert torch.equal(res.codes, codes) and torch.equal(res.scale, scale)

@@ -58,3 +58,38 @@ def arch(request):
 def random_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seqlen), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer (ids < VOCAB) built offline, savable with save_pretrained."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    vocab["\n"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife.\n") * 40
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny Llama saved as safetensors with a tokenizer, as a user's local model folder."""
+    d = tmp_path / "tiny-llama"
+    model = tiny_model("llama")
+    model.save_pretrained(str(d), safe_serialization=True)
+    tiny_tokenizer().save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data as D
-from . import evaluate as E
+from . import metrics as E
 from . import registry
 from .calibration import RunnerOptions
 from .errors import SlimlmError

@@ -198,7 +198,7 @@ class Captured:
         return args, kwargs
 
 
-_DROP = ("hidden_states", "past_key_value", "past_key_values", "layer_past")
+_DROP = ("hidden_states", "past_key_value", "past_key_values", "layer_past", "cache")
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,

@@ -70,9 +70,13 @@ def _parquet_text(p: Path, field: str) -> str:
     except ImportError:
         raise SlimlmError("reading .parquet needs pyarrow: pip install pyarrow") from None
     try:
+        columns = pq.read_schema(str(p)).names
+        if field not in columns:
+            raise SlimlmError(f"{p} has no column {field!r} (it has {', '.join(columns)}); "
+                              "choose the text column with --field")
         table = pq.read_table(str(p), columns=[field])
-    except KeyError:
-        raise SlimlmError(f"{p} has no column {field!r}; choose the text column with --field") from None
+    except SlimlmError:
+        raise
     except Exception as e:  # pyarrow's own error types
         raise SlimlmError(f"{p} is not a readable parquet file ({str(e).splitlines()[0]})") from None
     return "\n\n".join(str(x) for x in table.column(field).to_pylist() if x is not None)

@@ -125,15 +125,28 @@ def speed(model: nn.Module, prompt: Tensor, *, new_tokens: int = 32, runs: int =
             "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "runs": runs}
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; use whichever this model's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _out_cache(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else out.past_key_values
+
+
 def _greedy(model: nn.Module, ids: Tensor, n: int) -> tuple[float, float]:
+    key = _cache_kwarg(model)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
     t1 = time.perf_counter()
-    past = out.past_key_values
+    past = _out_cache(out)
     tok = out.logits[:, -1:].argmax(-1)
     for _ in range(n):
-        out = model(input_ids=tok, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=tok, use_cache=True, **{key: past})
+        past = _out_cache(out)
         tok = out.logits[:, -1:].argmax(-1)
     return t1 - t0, time.perf_counter() - t1
 

@@ -1,0 +1,66 @@
+"""The command line as a user meets it: exit codes, one-line errors, no tracebacks."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from slimlm.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "eval" in out and "quantize" in out and "prune" in out
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and "0.1.0" in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["frobnicate"], "No such command"),
+    (["eval", "--bogus"], "No such option"),
+    (["eval", "--model", "/does/not/exist"], "does not exist"),
+    (["eval", "--windows", "0"], "at least 1"),
+    (["eval", "--windows", "many"], "positive integer or 'all'"),
+])
+def test_bad_input_is_one_line(capsys, argv, match):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_on_a_local_model(capsys, model_dir, text_file):
+    code, out, err = run(capsys, "eval", "--model", str(model_dir), "--data", str(text_file), "--windows", "3",
+                         "--seqlen", "64", "--no-speed", "--json", "--reference", str(model_dir))
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["windows"] == 3 and r["tokens"] == 3 * 63 and r["top1_agreement"] == 1.0
+    assert r["disk_bytes"] > 0 and r["parameters"] > 0
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda d, t: ["--model", str(d), "--data", str(t), "--seqlen", "100000"], "longer than the model's context"),
+    (lambda d, t: ["--model", str(d), "--data", str(t), "--seqlen", "4096", "--windows", "1"], "context"),
+    (lambda d, t: ["--model", str(t.parent), "--data", str(t)], "holds no model"),
+])
+def test_eval_input_errors(capsys, model_dir, text_file, make, match):
+    code, _, err = run(capsys, "eval", *make(model_dir, text_file))
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_short_text(capsys, model_dir, tmp_path):
+    p = tmp_path / "short.txt"
+    p.write_text("too short", encoding="utf-8")
+    code, _, err = run(capsys, "eval", "--model", str(model_dir), "--data", str(p), "--seqlen", "64")
+    assert code == 2 and "fewer than one window" in err
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "slimlm.cli", "eval", "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("slimlm: error:")

@@ -1,0 +1,51 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+import slimlm
+from slimlm import metrics as E
+
+from conftest import TEXT, random_windows, tiny_model, tiny_tokenizer
+
+
+def test_perplexity_is_exp_of_summed_token_loss():
+    model = tiny_model("llama")
+    w = random_windows(3, 20)
+    r = E.perplexity(model, w, progress=False)
+    with torch.no_grad():
+        logits = model(w).logits[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum").item()
+    assert r["tokens"] == 3 * 19
+    assert math.isclose(r["perplexity"], math.exp(nll / 57), rel_tol=1e-5)
+
+
+def test_agreement_with_itself_and_with_another_model():
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    w = random_windows(2, 16)
+    same = E.agreement(a, a, w, progress=False)
+    assert abs(same["kl_divergence"]) < 1e-6 and same["top1_agreement"] == 1.0
+    other = E.agreement(a, b, w, progress=False)
+    assert other["kl_divergence"] > 0.01 and other["top1_agreement"] < 1.0
+
+
+def test_size_counts_parameters_and_bytes():
+    model = tiny_model("llama")
+    s = E.size(model)
+    n = sum(p.numel() for p in model.parameters())
+    assert s.parameters == n and s.resident_bytes >= 4 * n and s.bits_per_weight >= 32
+    half = tiny_model("llama").to(torch.bfloat16)
+    assert E.size(half).resident_bytes * 2 == E.size(model).resident_bytes
+
+
+def test_speed_reports_both_phases():
+    r = E.speed(tiny_model("llama"), torch.arange(16) % 128, new_tokens=4, runs=3)
+    assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["runs"] == 3
+
+
+def test_evaluate_api_end_to_end(text_file):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    r = slimlm.evaluate(model, tok, str(text_file), windows=4, seqlen=64, reference=model, progress=False)
+    assert r["windows"] == 4 and r["tokens"] == 4 * 63
+    assert r["top1_agreement"] == 1.0 and r["perplexity"] > 1
+    assert len(TEXT) // 64 >= 4

@@ -109,6 +109,43 @@ def eval_cmd(model_ref, data, field, windows, seqlen, reference, speed, as_json,
         click.echo(_eval_table([(model_ref, res)]))
 
 
+@cli.command("demo")
+@click.option("--output", default="out/smollm2-135m-gptq-w4g64", show_default=True, help="where the quantized model goes")
+@click.option("--samples", default=128, show_default=True, type=int, help="calibration windows of 512 tokens")
+@click.option("--windows", default=32, show_default=True, type=int, help="evaluation windows of 512 tokens")
+@click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
+def demo_cmd(output, samples, windows, threads):
+    """The main job on the embedded default: GPTQ 4-bit (group 64) SmolLM2-135M, then before/after."""
+    from pathlib import Path
+
+    from . import api, io, models, registry
+    from .calibration import RunnerOptions
+
+    _setup(threads)
+    corpora = Path(__file__).resolve().parents[3] / "shared" / "corpora"
+    calib = str(corpora / "austen_prideprejudice.txt") if corpora.is_dir() else "python-docs"
+    evald = str(corpora / "austen_persuasion.txt") if corpora.is_dir() else "python-docs"
+    click.echo(f"loading the embedded default (smollm2-135m); calibration: {calib}; evaluation: {evald}")
+    fp32 = models.load_model("smollm2-135m")
+    tok = models.load_tokenizer("smollm2-135m")
+    method = registry.get("quantize", "gptq")
+    config = method.config_cls(bits=4, group_size=64)
+    windows_t = api.calibration_data(tok, calib, samples=samples, seqlen=512)
+    work = models.load_model("smollm2-135m")
+    t0 = time.perf_counter()
+    api.quantize(work, config, data=windows_t, runner=RunnerOptions())
+    seconds = time.perf_counter() - t0
+    with io.atomic_dir(output, overwrite=True) as tmp:
+        models.save_model(work, tok, tmp)
+    del work
+    click.echo(f"GPTQ 4-bit g64 took {seconds:.0f} s; saved to {output}; evaluating both models")
+    quant = models.load_model(output)
+    before = api.evaluate(fp32, tok, evald, windows=windows, speed=True, disk_bytes=models.files_bytes("smollm2-135m"))
+    after = api.evaluate(quant, tok, evald, windows=windows, speed=True, reference=fp32,
+                         disk_bytes=models.files_bytes(output))
+    click.echo(_eval_table([("fp32", before), ("gptq w4 g64", after)]))
+
+
 def _family_command(family: str, verb: str):
     """`slimlm quantize` / `slimlm prune`: options are the union of every registered config's fields."""
     from . import registry

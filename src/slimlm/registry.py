@@ -7,8 +7,9 @@ here; nothing dispatches on method names elsewhere.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .errors import SlimlmError
 

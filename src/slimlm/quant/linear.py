@@ -1,0 +1,315 @@
+"""`QuantLinear`: the runtime module for a weight-only quantized linear layer.
+
+It stores integer codes, scales, zero points and the column -> group map, never a float weight, and
+computes y = x W_hat^T + b with W_hat = (q - z[g_idx]) * s[g_idx] (see slimlm.core.quant).
+
+Resident layouts (chosen from the device and the quantization, re-chosen when the module moves):
+- "int4": CPU, bits <= 4, out_features % 16 == 0 and groups that are (after one permutation of the input
+  columns, for act-order) contiguous blocks the kernel accepts. Codes live in the layout of
+  `aten._convert_weight_to_int4pack_for_cpu` and the product runs `aten._weight_int4pack_mm_for_cpu` on
+  bf16 activations. That kernel computes w = (c - 8) * s' + z' per group. We store c = q + 8 - m with
+  m = 2^(bits-1) (c = q for 4-bit; 2- and 3-bit codes are shifted to the middle of the 4-bit range), so
+  our (q - z) * s maps to s' = s, z' = (m - z) * s (both in bf16): the two terms stay small and bf16
+  rounding stays at the level of the scale's rounding for every bit width.
+  Per-channel (one group of size in_features) runs as kernel groups of 256/128/64/32 sharing one scale.
+- "int8": 8-bit codes stored as int8 (q - 128). Per-channel on CPU runs `aten._weight_int8pack_mm` on bf16
+  activations; an asymmetric zero point adds the rank-one term sum_k(x_k) * (128 - z) * s.
+  Grouped 8-bit dequantizes then multiplies.
+- "packed": everything else, including any non-CPU device (e.g. CUDA): int32 words (slimlm.core.packing)
+  unpacked and dequantized in the activation dtype at each call, then a dense matmul. That is a correct
+  but slow fallback on GPU (no fused low-bit kernel there); it is untested here (no GPU on this machine).
+
+state_dict() always holds the portable tensors (GPTQ orientation, true zero points, fp32 scales):
+qweight int32 (in*bits/32, out), scales fp32 (G, out), qzeros int32 (G, out*bits/32), g_idx int32 (in,),
+bias; loading them (also into a module built on the meta device) rebuilds the resident layout.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.core.packing import pack_int32, unpack_int32
+from slimlm.core.quant import QuantResult, default_g_idx, dequantize_grouped, num_groups
+from slimlm.errors import ConfigError
+
+KERNEL_GROUPS = (256, 128, 64, 32)   # group sizes _weight_int4pack_mm_for_cpu accepts
+INNER_K_TILES = 2
+PORTABLE_KEYS = ("qweight", "scales", "qzeros", "g_idx")
+_STORAGE = ("packed", "scale", "zero", "g_idx", "perm", "kernel_scales", "kernel_corr")
+_UNIT_ROWS = 512                      # identity rows per kernel call when reading int4 codes back
+
+
+def _check_shape(in_features: int, out_features: int, bits: int, group_size: int) -> None:
+    if bits not in (2, 3, 4, 8):
+        raise ConfigError(f"QuantLinear supports bits 2, 3, 4 or 8, got {bits}")
+    if group_size > 0 and in_features % group_size:
+        raise ConfigError(f"group_size {group_size} does not divide in_features {in_features}; "
+                          "pick a group size that divides it or use -1 (per channel)")
+    per = 32 if bits == 3 else 32 // bits
+    for name, n in (("in_features", in_features), ("out_features", out_features)):
+        if n % per:
+            raise ConfigError(f"{name}={n} is not a multiple of {per}, which {bits}-bit packing needs; "
+                              "leave this layer unquantized")
+
+
+class _DequantGrad(torch.autograd.Function):
+    """Kernel product in forward; dL/dx = dL/dy @ W_hat in backward (for adapters on a frozen base).
+
+    W_hat is rebuilt at each backward (nothing float is cached); on the int4 layout that is one kernel
+    call over an identity input, (in x in x out) multiply-adds.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        w = ctx.layer.dequantize_weight().to(gy.dtype)
+        return gy @ w, None
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized replacement for nn.Linear (see the module docstring for layouts)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+                 bias: bool = False, act_order: bool = False, method: str | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        _check_shape(in_features, out_features, bits, group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.act_order, self.method = act_order, method
+        self.layout, self.kernel_group = "packed", 0
+        G, K, N = num_groups(in_features, group_size), in_features, out_features
+        kw = dict(device=device)
+        self.register_buffer("packed", torch.zeros(N, K * bits // 32, dtype=torch.int32, **kw), False)
+        self.register_buffer("scale", torch.ones(N, G, dtype=torch.float32, **kw), False)
+        self.register_buffer("zero", torch.zeros(N, G, dtype=torch.uint8, **kw), False)
+        self.register_buffer("g_idx", default_g_idx(K, group_size, device=device), False)
+        for name in ("perm", "kernel_scales", "kernel_corr"):
+            self.register_buffer(name, None, False)
+        b = torch.zeros(N, dtype=dtype or torch.float32, device=device) if bias else None
+        self.bias = nn.Parameter(b, requires_grad=False) if bias else None
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_result(cls, result: QuantResult, bias: Tensor | None = None,
+                    method: str | None = None) -> QuantLinear:
+        """Build from a QuantResult (codes, scale, zero, g_idx) and an optional float bias (out,)."""
+        N, K = result.codes.shape
+        g_idx = result.g_idx.to(torch.int32)
+        act_order = not torch.equal(g_idx.cpu(), default_g_idx(K, result.group_size))
+        m = cls(K, N, result.bits, result.group_size, result.symmetric, bias is not None, act_order, method,
+                device="meta", dtype=None if bias is None else bias.dtype)
+        if int(result.codes.max()) > (1 << result.bits) - 1:
+            raise ConfigError(f"codes exceed the {result.bits}-bit range")
+        G = num_groups(K, result.group_size)
+        if result.scale.shape != (N, G) or result.zero.shape != (N, G) or g_idx.shape != (K,) \
+                or int(g_idx.max()) >= G:
+            raise ConfigError(f"QuantResult shapes do not agree: codes {(N, K)}, scale "
+                              f"{tuple(result.scale.shape)}, zero {tuple(result.zero.shape)}, g_idx "
+                              f"{tuple(g_idx.shape)} (max {int(g_idx.max())}); expected {G} groups")
+        m._build(result.codes, result.scale, result.zero, g_idx)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+              has_bias: bool, act_order: bool = False, method: str | None = None,
+              dtype: torch.dtype | None = None) -> QuantLinear:
+        """A module on the meta device, to be filled by load_state_dict(..., assign=True)."""
+        return cls(in_features, out_features, bits, group_size, symmetric, has_bias, act_order, method,
+                   device="meta", dtype=dtype)
+
+    def _int4_plan(self, g_idx: Tensor, device: torch.device) -> tuple[int, Tensor | None] | None:
+        """(kernel group size, input permutation or None) if the int4 CPU kernel can run this layer."""
+        K, N = self.in_features, self.out_features
+        if device.type != "cpu" or self.bits > 4 or N % 16:
+            return None
+        span = self.group_size if self.group_size > 0 else K
+        kg = next((g for g in KERNEL_GROUPS if span % g == 0 and K % g == 0), None)
+        if kg is None:
+            return None
+        if self.group_size <= 0:
+            return kg, None
+        ref = default_g_idx(K, self.group_size, device=g_idx.device)
+        if torch.equal(g_idx, ref):
+            return kg, None
+        perm = torch.argsort(g_idx, stable=True)
+        return (kg, perm) if torch.equal(g_idx[perm], ref) else None
+
+    def _build(self, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor,
+               target: torch.device | None = None) -> None:
+        """Set the resident layout from codes (out, in), scale/zero (out, G) and g_idx (in,), on the
+        codes' device, choosing the layout for `target` (default: that device)."""
+        dev = codes.device
+        target = dev if target is None else target
+        self.scale = scale.to(dev, torch.float32).contiguous()
+        self.zero = zero.to(dev).round().to(torch.uint8).contiguous()
+        self.g_idx = g_idx.to(dev, torch.int32).contiguous()
+        self.perm = self.kernel_scales = self.kernel_corr = None
+        self.kernel_group = 0
+        plan = self._int4_plan(self.g_idx, target)
+        if plan is not None:
+            self._build_int4(codes, *plan)
+        elif self.bits == 8:
+            self.layout = "int8"
+            self.packed = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+            if target.type == "cpu" and self.scale.shape[1] == 1:
+                s, z = self.scale[:, 0], self.zero[:, 0].float()
+                self.kernel_scales = s.to(torch.bfloat16)
+                self.kernel_corr = None if bool((z == 128).all()) else (128 - z) * s
+        else:
+            self.layout = "packed"
+            self.packed = pack_int32(codes, self.bits, dim=-1)
+
+    def _build_int4(self, codes: Tensor, kg: int, perm: Tensor | None) -> None:
+        self.layout, self.kernel_group, self.perm = "int4", kg, perm
+        mid = 1 << (self.bits - 1)                 # codes are stored as q + (8 - mid): centred on 8
+        c = codes if perm is None else codes[:, perm]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            c.to(torch.int32).add(8 - mid).contiguous(), INNER_K_TILES)
+        g = self.g_idx if perm is None else self.g_idx[perm]
+        gk = g[::kg].long()                                              # group of each kernel group
+        s, z = self.scale[:, gk], self.zero[:, gk].float()              # (N, K/kg)
+        sz = torch.stack([s, (mid - z) * s], dim=-1)                    # (N, K/kg, 2)
+        self.kernel_scales = sz.transpose(0, 1).to(torch.bfloat16).contiguous()  # (K/kg, N, 2)
+
+    # ----------------------------------------------------------------- reading back
+    def codes(self) -> Tensor:
+        """Unsigned codes (out, in) uint8 in the original column order, from the resident layout."""
+        if self.layout == "int8":
+            return (self.packed.to(torch.int16) + 128).to(torch.uint8)
+        if self.layout == "packed":
+            return unpack_int32(self.packed, self.bits, self.in_features, dim=-1)
+        return self._int4_codes()
+
+    def _int4_codes(self) -> Tensor:
+        """Read the int4 kernel layout back through the kernel itself: with s' = 1, z' = 8 it returns
+        w = c exactly, so an identity input yields the stored codes whatever the kernel's private layout."""
+        K, N, kg = self.in_features, self.out_features, self.kernel_group
+        unit = torch.ones(K // kg, N, 2, dtype=torch.bfloat16)
+        unit[..., 1] = 8.0
+        rows = []
+        for start in range(0, K, _UNIT_ROWS):
+            n = min(_UNIT_ROWS, K - start)
+            eye = torch.zeros(n, K, dtype=torch.bfloat16)
+            eye[torch.arange(n), torch.arange(start, start + n)] = 1.0
+            rows.append(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, kg, unit))
+        mid = 1 << (self.bits - 1)
+        c = (torch.cat(rows).T - (8 - mid)).to(torch.uint8)             # (N, K), permuted columns
+        if self.perm is None:
+            return c.contiguous()
+        out = torch.empty_like(c)
+        out[:, self.perm] = c
+        return out
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W_hat (out, in) = (q - z[g_idx]) * s[g_idx] from the stored codes (exact in fp32)."""
+        return dequantize_grouped(self.codes(), self.scale, self.zero.float(), self.g_idx).to(dtype)
+
+    def portable_tensors(self) -> dict[str, Tensor]:
+        """The tensors saved in state_dict (GPTQ orientation, true zero points, fp32 scales)."""
+        K, N, b = self.in_features, self.out_features, self.bits
+        if self.packed.is_meta:
+            G = self.scale.shape[1]
+            shapes = {"qweight": (K * b // 32, N), "scales": (G, N), "qzeros": (G, N * b // 32), "g_idx": (K,)}
+            dtypes = {"qweight": torch.int32, "scales": torch.float32, "qzeros": torch.int32,
+                      "g_idx": torch.int32}
+            return {k: torch.empty(shapes[k], dtype=dtypes[k], device="meta") for k in PORTABLE_KEYS}
+        return {"qweight": pack_int32(self.codes(), b, dim=-1).T.contiguous(),
+                "scales": self.scale.T.contiguous(),
+                "qzeros": pack_int32(self.zero.T, b, dim=-1),
+                "g_idx": self.g_idx.clone()}
+
+    # ----------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)        # bias only
+        for k, v in self.portable_tensors().items():
+            destination[prefix + k] = v
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        got = {k: state_dict[prefix + k] for k in PORTABLE_KEYS if prefix + k in state_dict}
+        missing_keys.extend(prefix + k for k in PORTABLE_KEYS if k not in got)
+        if len(got) == len(PORTABLE_KEYS):
+            err = self._check_portable(got)
+            if err:
+                error_msgs.append(f"{prefix[:-1]}: {err}")
+            else:
+                self.load_portable(got)
+        rest = {k: v for k, v in state_dict.items()
+                if k.startswith(prefix) and k[len(prefix):] not in PORTABLE_KEYS}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _check_portable(self, t: dict[str, Tensor]) -> str | None:
+        K, N, b = self.in_features, self.out_features, self.bits
+        G = num_groups(K, self.group_size)
+        want = {"qweight": (K * b // 32, N), "scales": (G, N), "qzeros": (G, N * b // 32), "g_idx": (K,)}
+        for k, shape in want.items():
+            if tuple(t[k].shape) != shape:
+                return f"{k} has shape {tuple(t[k].shape)}, expected {shape}"
+        return None
+
+    def load_portable(self, t: dict[str, Tensor]) -> None:
+        """Rebuild the resident layout from portable tensors (as returned by portable_tensors())."""
+        K, N, b = self.in_features, self.out_features, self.bits
+        codes = unpack_int32(t["qweight"].to(torch.int32), b, K, dim=0).T
+        zero = unpack_int32(t["qzeros"].to(torch.int32), b, N, dim=-1).T
+        self._build(codes, t["scales"].T.float(), zero, t["g_idx"])
+
+    # ----------------------------------------------------------------- device / dtype moves
+    def _apply(self, fn, recurse=True):
+        """Storage keeps its dtypes under .to(dtype)/.half(); the layout is re-chosen for a new device."""
+        old, dev = self.packed.device, fn(torch.zeros(())).device
+        if self.layout == "int4" and dev.type != "cpu":             # read the CPU-only layout on the CPU
+            self._build(self.codes(), self.scale, self.zero, self.g_idx, target=dev)
+        held = {k: self._buffers.pop(k) for k in _STORAGE}
+        super()._apply(fn, recurse)
+        for k, t in held.items():
+            moved = None if t is None else fn(t)
+            if moved is not None and moved.dtype != t.dtype:
+                moved = t.to(moved.device)
+            self._buffers[k] = moved
+        if dev.type != old.type and "meta" not in (dev.type, old.type):
+            self._build(self.codes(), self.scale, self.zero, self.g_idx)
+        return self
+
+    # ----------------------------------------------------------------- compute
+    def _matmul(self, x: Tensor) -> Tensor:
+        K, N = self.in_features, self.out_features
+        x2 = x.reshape(-1, K)
+        if self.layout == "int4":
+            if self.perm is not None:
+                x2 = x2.index_select(1, self.perm)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16).contiguous(), self.packed, self.kernel_group, self.kernel_scales)
+        elif self.layout == "int8" and self.kernel_scales is not None and x.device.type == "cpu":
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.kernel_scales)
+            if self.kernel_corr is not None:
+                y = y.float() + xb.float().sum(-1, keepdim=True) * self.kernel_corr
+        else:
+            y = x2 @ self.dequantize_weight(x.dtype).T
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _DequantGrad.apply(x, self)
+        else:
+            y = self._matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def storage_bytes(self) -> int:
+        """Bytes of all resident tensors (buffers and bias)."""
+        ts = [t for t in self._buffers.values() if t is not None] + [p for p in self.parameters()]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, act_order={self.act_order}, "
+                f"layout={self.layout}, bias={self.bias is not None}")

@@ -1,0 +1,279 @@
+"""Native save/load, GPTQ and compressed-tensors export/import of models holding QuantLinear layers."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from slimlm.core.quant import QuantResult, choose_qparams, default_g_idx, quantize_grouped, rtn_quantize
+from slimlm.errors import ConfigError, SlimlmError
+from slimlm.quant.formats import (
+    export_compressed_tensors,
+    export_gptq,
+    import_compressed_tensors,
+    import_gptq,
+)
+from slimlm.quant.linear import QuantLinear
+from slimlm.quant.serialize import load_quantized, quantized_modules, save_quantized, set_submodule
+
+from conftest import VOCAB, tiny_model, tiny_tokenizer
+
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _result(W, bits, gs, sym, act_order, seed):
+    K = W.shape[1]
+    if not act_order:
+        q, s, z = rtn_quantize(W, bits, sym, gs)
+        return QuantResult(q, s, z, default_g_idx(K, gs), bits, gs, sym)
+    g_idx = torch.empty(K, dtype=torch.int32)
+    g_idx[torch.randperm(K, generator=torch.Generator().manual_seed(seed))] = (torch.arange(K) // gs).int()
+    G = K // gs
+    s, z = torch.ones(W.shape[0], G), torch.zeros(W.shape[0], G)
+    for j in range(G):
+        sj, zj = choose_qparams(W[:, g_idx == j], bits, sym)
+        s[:, j], z[:, j] = sj[:, 0], zj[:, 0]
+    return QuantResult(quantize_grouped(W, s, z, bits, g_idx), s, z, g_idx, bits, gs, sym)
+
+
+def quantize_linears(model, bits=4, gs=32, sym=False, lm_head=False, act_order=False, bits_of=None):
+    """RTN (or act-order-grouped RTN) on every nn.Linear; `bits_of(name)` may override the width."""
+    for i, (name, lin) in enumerate([(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]):
+        if "lm_head" in name and not lm_head:
+            continue
+        b = bits_of(name) if bits_of else bits
+        r = _result(lin.weight.detach(), b, gs, sym, act_order, seed=i)
+        set_submodule(model, name, QuantLinear.from_result(r, lin.bias, method="rtn"))
+    return model
+
+
+def dequantized_copy(model, scale_dtype=None):
+    """The float model slimlm's quantized model stands for (scales optionally rounded to scale_dtype)."""
+    m = copy.deepcopy(model)
+    for name, q in quantized_modules(m).items():
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+        s = q.scale if scale_dtype is None else q.scale.to(scale_dtype).float()
+        lin.weight.data = (q.codes().float() - q.zero.float()[:, q.g_idx.long()]) * s[:, q.g_idx.long()]
+        if q.bias is not None:
+            lin.bias.data = q.bias.data.clone()
+        set_submodule(m, name, lin)
+    return m.eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def llama(tie: bool):
+    m = tiny_model("llama")
+    if tie:
+        m.config.tie_word_embeddings = True
+        m.lm_head.weight = m.model.embed_tokens.weight
+    return m
+
+
+# ---------------------------------------------------------------------------------- native format
+@pytest.mark.parametrize("tie,lm_head", [(True, False), (True, True), (False, True)])
+def test_native_round_trip_logits_equal(tmp_path, tie, lm_head):
+    model = quantize_linears(llama(tie), bits=4, gs=32, lm_head=lm_head)
+    out = save_quantized(model, tiny_tokenizer(), tmp_path / "q")
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "slimlm" and qc["format"] == "slimlm-packed"
+    spec = qc["modules"]["model.layers.0.mlp.down_proj"]
+    assert spec == {"bits": 4, "group_size": 32, "symmetric": False, "act_order": False, "method": "rtn",
+                    "in_features": 128, "out_features": 64, "bias": False}
+    assert ("lm_head" in qc["modules"]) == lm_head
+    assert not any(k.endswith("proj.weight") for k in load_file(str(out / "model.safetensors")))
+    loaded = load_quantized(out)
+    assert isinstance(loaded.lm_head, QuantLinear) == lm_head
+    if tie and not lm_head:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_native_mixed_bits_act_order_and_overwrite(tmp_path):
+    model = quantize_linears(tiny_model("qwen2"), gs=32, act_order=True,
+                             bits_of=lambda n: 8 if "down" in n else 3)
+    save_quantized(model, None, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.model.layers[0].mlp.down_proj.bits == 8
+    assert loaded.model.layers[0].self_attn.q_proj.act_order
+    assert torch.equal(logits(loaded), logits(model))
+    with pytest.raises(SlimlmError, match="already exists"):
+        save_quantized(model, None, tmp_path / "q")
+    save_quantized(model, None, tmp_path / "q", overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]    # no temporary folders left
+
+
+def test_native_round_trip_keeps_input_scales(tmp_path):
+    from slimlm.quant.scaled import ScaledQuantLinear
+
+    model = quantize_linears(tiny_model("llama"))
+    q = model.model.layers[0].mlp.down_proj
+    r = QuantResult(q.codes(), q.scale, q.zero.float(), q.g_idx, q.bits, q.group_size, q.symmetric)
+    scaled = ScaledQuantLinear.from_result(r)
+    scaled.set_input_scale(torch.rand(q.in_features) + 0.5)
+    set_submodule(model, "model.layers.0.mlp.down_proj", scaled)
+    save_quantized(model, None, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, ScaledQuantLinear)
+    assert torch.equal(logits(loaded), logits(model))
+    with pytest.raises(ConfigError, match="input"):
+        export_gptq(model, None, tmp_path / "g")
+
+
+def test_native_load_refuses_other_folders(tmp_path):
+    model = quantize_linears(tiny_model("llama"))
+    export_gptq(model, None, tmp_path / "g")
+    with pytest.raises(SlimlmError, match="not a slimlm checkpoint"):
+        load_quantized(tmp_path / "g")
+
+
+# ---------------------------------------------------------------------------------- GPTQ
+def _unpack_documented(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Independent reading of GPTQ's layout: along dim 0 the int32 words of one column form a little-endian
+    bit stream and code i sits at bits [bits*i, bits*i + bits) of it (3-bit codes straddle words)."""
+    cols = []
+    for col in words.T.tolist():
+        stream = sum((w & 0xFFFFFFFF) << (32 * j) for j, w in enumerate(col))
+        cols.append([(stream >> (bits * i)) & ((1 << bits) - 1) for i in range(n)])
+    return torch.tensor(cols).T                                           # (n, columns)
+
+
+@pytest.mark.parametrize("bits,sym,fmt,act_order", [(4, False, "gptq", False), (3, True, "gptq", True),
+                                                    (2, False, "gptq_v2", False), (8, False, "gptq", True)])
+def test_gptq_layout_against_documented_unpacking(tmp_path, bits, sym, fmt, act_order):
+    model = quantize_linears(tiny_model("llama"), bits=bits, gs=32, sym=sym, act_order=act_order)
+    export_gptq(model, None, tmp_path / "g", checkpoint_format=fmt)
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["group_size"] == 32
+    assert qc["sym"] == sym and qc["desc_act"] == act_order and qc["checkpoint_format"] == fmt
+    assert json.loads((tmp_path / "g" / "quantize_config.json").read_text()) == qc
+    t = load_file(str(tmp_path / "g" / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"                                  # in 128 -> out 64
+    layer = model.get_submodule(name)
+    qweight, qzeros, scales, g_idx = (t[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx"))
+    assert qweight.shape == (128 * bits // 32, 64) and qweight.dtype == torch.int32
+    assert qzeros.shape == (4, 64 * bits // 32) and scales.shape == (4, 64) and scales.dtype == torch.float16
+    q = _unpack_documented(qweight, bits, 128)                            # (in, out)
+    z = _unpack_documented(qzeros.T, bits, 64).T + (1 if fmt == "gptq" else 0)   # (G, out)
+    g = g_idx.long()
+    w = (q - z[g]).float() * scales.float()[g]                             # (in, out)
+    assert torch.equal(g_idx, layer.g_idx)
+    assert torch.equal(w.T, dequantized_copy(model, torch.float16).get_submodule(name).weight.data)
+
+
+def test_gptq_v1_cannot_hold_zero_point_zero(tmp_path):
+    model = quantize_linears(tiny_model("llama"))
+    q = model.model.layers[0].mlp.up_proj
+    q.load_portable({**q.portable_tensors(), "qzeros": torch.zeros_like(q.portable_tensors()["qzeros"])})
+    with pytest.raises(ConfigError, match="gptq_v2"):
+        export_gptq(model, None, tmp_path / "v1")
+    export_gptq(model, None, tmp_path / "v2", checkpoint_format="gptq_v2")
+    assert torch.equal(import_gptq(tmp_path / "v2").model.layers[0].mlp.up_proj.zero, q.zero)
+
+
+def test_gptq_import_round_trip(tmp_path):
+    model = quantize_linears(tiny_model("llama"), bits=4, gs=32, act_order=True)
+    export_gptq(model, tiny_tokenizer(), tmp_path / "a")
+    imported = import_gptq(tmp_path / "a")
+    qa, qb = quantized_modules(model), quantized_modules(imported)
+    assert qa.keys() == qb.keys()
+    for name in qa:
+        assert (qb[name].act_order, qb[name].layout, qb[name].method) == (True, "int4", "gptq")
+        assert torch.equal(qb[name].codes(), qa[name].codes()) and torch.equal(qb[name].zero, qa[name].zero)
+        assert torch.equal(qb[name].scale, qa[name].scale.half().float())
+    export_gptq(imported, None, tmp_path / "b")
+    ta, tb = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert torch.equal(logits(dequantized_copy(imported)), logits(dequantized_copy(model, torch.float16)))
+
+
+def test_gptq_refuses_mixed_schemes_and_plain_linears(tmp_path):
+    mixed = quantize_linears(tiny_model("llama"), bits_of=lambda n: 8 if "down" in n else 4)
+    with pytest.raises(ConfigError, match="one \\(bits, group_size, symmetric\\)"):
+        export_gptq(mixed, None, tmp_path / "m")
+    partial = tiny_model("llama")
+    quantize_linears(partial.model.layers[0])
+    with pytest.raises(ConfigError, match="not quantized"):
+        export_gptq(partial, None, tmp_path / "p")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (importlib.util.find_spec("gptqmodel") and importlib.util.find_spec("optimum")),
+                    reason="the real GPTQ consumer (optimum + gptqmodel) is not installed")
+def test_gptq_loads_in_transformers_with_gptqmodel(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = quantize_linears(tiny_model("llama"), bits=4, gs=32, sym=False, act_order=True)
+    export_gptq(model, None, tmp_path / "g")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "g"), device_map="cpu").eval()
+    ref = logits(dequantized_copy(model, torch.float16))
+    torch.testing.assert_close(logits(hf).float(), ref, atol=2e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- compressed-tensors
+ct = pytest.importorskip("compressed_tensors")
+
+
+@pytest.mark.parametrize("bits,sym,gs", [(4, False, 32), (4, True, 32), (3, False, 32), (8, True, -1)])
+def test_compressed_tensors_matches_its_own_compressor(tmp_path, bits, sym, gs):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    model = quantize_linears(tiny_model("llama"), bits=bits, gs=gs, sym=sym)
+    export_compressed_tensors(model, None, tmp_path / "c")
+    t = load_file(str(tmp_path / "c" / "model.safetensors"))
+    name = "model.layers.0.mlp.gate_proj"
+    q = model.get_submodule(name)
+    args = QuantizationArgs(num_bits=bits, symmetric=sym, strategy="group" if gs > 0 else "channel",
+                            group_size=gs if gs > 0 else None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = {"weight": q.dequantize_weight(), "weight_scale": q.scale.clone()}
+    if not sym:
+        state["weight_zero_point"] = (q.zero.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    want = PackedQuantizationCompressor.compress(state, scheme)
+    for k in ("weight_packed", "weight_shape", "weight_zero_point", "weight_scale"):
+        assert (k in want) == (f"{name}.{k}" in t), k
+        if k in want:
+            assert torch.equal(t[f"{name}.{k}"], want[k].to(t[f"{name}.{k}"].dtype)), k
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+@pytest.mark.parametrize("bits,sym,mixed", [(4, True, True), (3, False, False)])
+def test_compressed_tensors_loads_in_transformers(tmp_path, bits, sym, mixed):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = quantize_linears(tiny_model("llama"), bits=bits, gs=32, sym=sym,
+                             bits_of=(lambda n: 8 if "down" in n else bits) if mixed else None)
+    export_compressed_tensors(model, tiny_tokenizer(), tmp_path / "c")
+    qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and len(qc["config_groups"]) == (2 if mixed else 1)
+    # transformers 5.24 + compressed-tensors 0.20 build asymmetric layers with unpacked zero-point shapes in
+    # their compressed (default) path and refuse the packed ones their own compressor writes; the
+    # decompress-at-load path reads them.
+    kw = {} if sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "c"), **kw).eval()
+    torch.testing.assert_close(logits(hf), logits(dequantized_copy(model)), atol=1e-5, rtol=0)
+    imported = import_compressed_tensors(tmp_path / "c")
+    for name, q in quantized_modules(model).items():
+        r = imported.get_submodule(name)
+        assert (r.bits, r.group_size, r.symmetric) == (q.bits, q.group_size, q.symmetric)
+        assert torch.equal(r.dequantize_weight(), q.dequantize_weight())
+    assert torch.equal(logits(imported), logits(model))
+
+
+def test_compressed_tensors_refuses_act_order(tmp_path):
+    model = quantize_linears(tiny_model("llama"), act_order=True)
+    with pytest.raises(ConfigError, match="act-order"):
+        export_compressed_tensors(model, None, tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -109,6 +109,31 @@ def eval_cmd(model_ref, data, field, windows, seqlen, reference, speed, as_json,
         click.echo(_eval_table([(model_ref, res)]))
 
 
+EXPORT_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
+
+
+@cli.command("export")
+@click.option("--model", "model_ref", required=True, help="a model quantized by slimlm (or any format it loads)")
+@click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS),
+              help="gptq/gptq_v2: the GPTQ layout transformers and vLLM load; compressed-tensors: pack-quantized")
+@click.option("--output", required=True, help="output folder (written only when complete)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+def export_cmd(model_ref, fmt, output, overwrite):
+    """Write a quantized model in a format other tools load."""
+    from . import io, models
+    from .quant import formats
+
+    _setup(None)
+    io.check_output_dir(output, overwrite)
+    model = models.load_model(model_ref)
+    tok = models.load_tokenizer(model_ref)
+    if fmt.startswith("gptq"):
+        path = formats.export_gptq(model, tok, output, checkpoint_format=fmt, overwrite=overwrite)
+    else:
+        path = formats.export_compressed_tensors(model, tok, output, overwrite=overwrite)
+    click.echo(f"exported {model_ref} as {fmt} -> {path}")
+
+
 @cli.command("demo")
 @click.option("--output", default="out/smollm2-135m-gptq-w4g64", show_default=True, help="where the quantized model goes")
 @click.option("--samples", default=128, show_default=True, type=int, help="calibration windows of 512 tokens")

@@ -164,6 +164,12 @@ def _special_loader(config: dict):
     if q.get("quant_method") == "slimlm":
         from .quant.serialize import load_quantized
         return load_quantized
+    if q.get("quant_method") == "gptq":  # GPTQ checkpoints from any tool run on slimlm's kernels
+        from .quant.formats import import_gptq
+        return import_gptq
+    if q.get("quant_method") == "compressed-tensors" and q.get("format") == "pack-quantized":
+        from .quant.formats import import_compressed_tensors
+        return import_compressed_tensors
     if config.get("slimlm_sparsity"):
         from .prune.storage import load_sparse
         return load_sparse

@@ -1,0 +1,205 @@
+"""Configs of the unstructured and N:M pruning methods (magnitude, Wanda, SparseGPT), the per-layer sparsity
+schedule syntax and layer-name patterns. Pure string logic: nothing here touches a model.
+
+Layer names are the qualified module names (`model.layers.3.self_attn.q_proj`). A name PATTERN is a glob
+(`*`, `?`, `[...]`) over whole dotted parts: it matches a layer when it matches the full name, a dotted tail
+of it, or a module containing the layer. So `q_proj`, `mlp`, `layers.3`, `self_attn.*_proj` and
+`model.layers.1*` all work; `proj` alone matches nothing (it is not a whole part).
+
+Schedule syntax (`layer_sparsity`), comma-separated items, empty = uniform (`sparsity` everywhere):
+    linear:A:B        fraction rising linearly with depth, A in the first decoder block, B in the last
+    PATTERN=VALUE     VALUE (a fraction or N:M) for the layers matching PATTERN; the first matching item wins
+                      and overrides `linear`; VALUE 0 leaves the layers dense
+e.g. "linear:0.3:0.7,down_proj=0.4,layers.0=0".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from ..core.prune import parse_sparsity
+from ..errors import ConfigError
+
+Spec = float | tuple[int, int]   # a fraction to remove, or (N, M): N kept of every M inputs
+
+SPARSITY_HELP = ("fraction of each target layer's weights to remove, in [0, 1) (e.g. 0.5), or an N:M pattern "
+                 "keeping N of every M consecutive input weights (e.g. 2:4, 4:8; M must divide the layers' "
+                 "input size); default 0.5")
+SCHEDULE_HELP = ("per-layer sparsity, empty = uniform. Comma-separated items: 'linear:A:B' rises from A in the "
+                 "first block to B in the last; 'PATTERN=VALUE' gives layers matching PATTERN the VALUE "
+                 "(a fraction or N:M, 0 = dense; first match wins, overrides linear). "
+                 "E.g. 'linear:0.3:0.7,down_proj=0.4,layers.0=0'")
+PATTERN_HELP = ("patterns are globs over whole dotted name parts: 'mlp', 'q_proj', 'layers.3', "
+                "'self_attn.*_proj'")
+
+
+def split_list(text: str | list | tuple) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c'] (lists and tuples from the Python API pass through)."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    return [s.strip() for s in items if str(s).strip()]
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether the qualified module `name` matches `pattern` on whole dotted parts (see module docstring)."""
+    return any(fnmatchcase(name, p) for p in (pattern, "*." + pattern, pattern + ".*", "*." + pattern + ".*"))
+
+
+def spec_str(spec: Spec) -> str:
+    return f"{spec[0]}:{spec[1]}" if isinstance(spec, tuple) else f"{spec:g}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A parsed `layer_sparsity`: an optional linear ramp over blocks and (pattern, spec) overrides."""
+    linear: tuple[float, float] | None = None
+    rules: tuple[tuple[str, Spec], ...] = ()
+
+    @property
+    def uniform(self) -> bool:
+        return self.linear is None and not self.rules
+
+    def spec_for(self, name: str, block: int, n_blocks: int, default: Spec) -> Spec:
+        """Sparsity of layer `name` in block `block` of `n_blocks`."""
+        for pattern, spec in self.rules:
+            if name_matches(name, pattern):
+                return spec
+        if self.linear is not None:
+            a, b = self.linear
+            return a + (b - a) * block / (n_blocks - 1) if n_blocks > 1 else a
+        return default
+
+
+def parse_schedule(text: str) -> Schedule:
+    """Parse the `layer_sparsity` syntax; errors say what a valid item looks like."""
+    linear, rules = None, []
+    for item in split_list(text):
+        if item == "uniform":
+            continue
+        if item.startswith("linear:"):
+            parts = item.split(":")
+            try:
+                if len(parts) != 3:
+                    raise ValueError
+                a, b = float(parts[1]), float(parts[2])
+            except ValueError:
+                raise ConfigError(f"bad schedule item {item!r}; write it like 'linear:0.3:0.7'") from None
+            if not (0 <= a < 1 and 0 <= b < 1):
+                raise ConfigError(f"{item!r}: both ends of a linear schedule must be fractions in [0, 1)")
+            if linear is not None:
+                raise ConfigError("the schedule has two 'linear:' items; keep one")
+            linear = (a, b)
+        elif "=" in item:
+            pattern, _, value = (s.strip() for s in item.partition("="))
+            if not pattern:
+                raise ConfigError(f"schedule item {item!r} has no layer pattern before '='")
+            try:
+                rules.append((pattern, parse_sparsity(value)))
+            except ConfigError as e:
+                raise ConfigError(f"schedule item {item!r}: {e}") from None
+        else:
+            raise ConfigError(f"bad schedule item {item!r}; use 'linear:A:B' or 'PATTERN=VALUE' "
+                              "(e.g. 'mlp=0.6' or 'q_proj=2:4'), items separated by commas")
+    return Schedule(linear, tuple(rules))
+
+
+def _canonical_sparsity(value) -> str:
+    if isinstance(value, tuple):
+        return f"{value[0]}:{value[1]}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(float(value))
+    return str(value).strip()
+
+
+@dataclass
+class PruneConfig:
+    """Fields shared by every unstructured / N:M pruning method (not registered itself)."""
+    sparsity: str = field(default="0.5", metadata={"help": SPARSITY_HELP})
+    layer_sparsity: str = field(default="", metadata={"help": SCHEDULE_HELP})
+    targets: str = field(default="*", metadata={
+        "help": "comma-separated name patterns of the linear layers to prune (default: every linear layer of "
+                "the decoder blocks); " + PATTERN_HELP})
+    ignore: str = field(default="", metadata={
+        "help": "comma-separated name patterns of layers to leave dense; lm_head and the embeddings are never "
+                "pruned"})
+
+    def __post_init__(self) -> None:
+        self.sparsity = _canonical_sparsity(self.sparsity)
+        self.targets = ",".join(split_list(self.targets)) or "*"
+        self.ignore = ",".join(split_list(self.ignore))
+        self.spec()
+        sched = self.schedule()
+        if sched.linear is not None and isinstance(self.spec(), tuple):
+            raise ConfigError(f"a linear schedule gives each layer a fraction, but sparsity is the N:M pattern "
+                              f"{self.sparsity}; give N:M per layer with 'PATTERN=N:M' items instead")
+
+    def spec(self) -> Spec:
+        """The parsed `sparsity`: a fraction or (N, M)."""
+        return parse_sparsity(self.sparsity)
+
+    def schedule(self) -> Schedule:
+        return parse_schedule(self.layer_sparsity)
+
+    def describe(self) -> str:
+        return self.sparsity + (f" ({self.layer_sparsity})" if not self.schedule().uniform else "")
+
+
+SCOPES = ("layer", "global")
+
+
+@dataclass
+class MagnitudeConfig(PruneConfig):
+    """Magnitude pruning: remove the weights of smallest |w| (no calibration data)."""
+    scope: str = field(default="layer", metadata={
+        "help": "layer: each layer loses its own fraction; global: one |w| threshold across all target layers "
+                "(a fraction, uniform schedule); default layer"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be 'layer' or 'global', not {self.scope!r}")
+        if self.scope == "global":
+            if isinstance(self.spec(), tuple):
+                raise ConfigError(f"scope=global compares magnitudes across layers and takes a fraction, not "
+                                  f"the N:M pattern {self.sparsity}; use scope=layer for N:M")
+            if not self.schedule().uniform:
+                raise ConfigError("scope=global sets one threshold for all layers; drop layer_sparsity or use "
+                                  "scope=layer")
+
+
+@dataclass
+class WandaConfig(PruneConfig):
+    """Wanda (Sun et al. 2023): remove the smallest |W_ij| * ||X_j|| per output row (needs data)."""
+
+
+QUANT_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class SparseGPTConfig(PruneConfig):
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with reconstruction, optionally joint with GPTQ."""
+    block_size: int = field(default=128, metadata={"help": "columns per lazy-update block (speed only); default 128"})
+    damp: float = field(default=0.01, metadata={
+        "help": "Hessian damping, as a fraction of its mean diagonal; default 0.01 (raised automatically when "
+                "the Cholesky factorisation fails)"})
+    bits: int | None = field(default=None, metadata={
+        "help": "also quantize the kept weights jointly (GPTQ) to 2, 3, 4 or 8 bits; none = keep floats"})
+    group_size: int = field(default=128, metadata={
+        "help": "with bits: input columns per quantization group (must divide the layers' inputs, e.g. 32, 64, "
+                "128; default 128), -1 = per output channel"})
+    symmetric: bool = field(default=False, metadata={"help": "with bits: symmetric grid (zero point 2^(b-1)); default false"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be at least 1, got {self.block_size}; 128 is usual")
+        if not 0 <= self.damp < 1:
+            raise ConfigError(f"damp must be in [0, 1), got {self.damp}; 0.01 is usual")
+        if self.bits is not None and self.bits not in QUANT_BITS:
+            raise ConfigError(f"bits must be one of {', '.join(map(str, QUANT_BITS))} (what the quantized "
+                              f"linear layer stores) or none, got {self.bits}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ConfigError(f"group_size must be positive (e.g. 64) or -1 for per channel, got {self.group_size}")
+
+    def quant(self) -> tuple[int, int, bool] | None:
+        """(bits, group_size, symmetric) for core.sparsegpt, or None without joint quantization."""
+        return None if self.bits is None else (self.bits, self.group_size, self.symmetric)

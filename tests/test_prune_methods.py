@@ -13,7 +13,7 @@ from slimlm import api, models
 from slimlm.calibration import LinearInfo, RunnerOptions, find_blocks, is_linear
 from slimlm.cli import main
 from slimlm.errors import ConfigError, SlimlmError
-from slimlm.prune.methods import (
+from slimlm.pruning.methods import (
     MagnitudeConfig,
     SparseGPTConfig,
     WandaConfig,

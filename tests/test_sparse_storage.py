@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from slimlm.prune import storage as st
+from slimlm.pruning import storage as st
 
 from conftest import random_windows, tiny_model
 
@@ -150,7 +150,7 @@ def small_embedding_model(dtype):
 @pytest.mark.parametrize("pattern", [None, (2, 4)], ids=["50%", "2:4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_sparse_is_small_and_reloads_exactly(pattern, dtype, tmp_path):
-    from slimlm.prune.storage import load_sparse, save_sparse
+    from slimlm.pruning.storage import load_sparse, save_sparse
 
     model = magnitude_prune_(small_embedding_model(dtype), pattern)
     info = save_sparse(model, None, tmp_path / "sparse")
@@ -166,8 +166,8 @@ def test_save_sparse_is_small_and_reloads_exactly(pattern, dtype, tmp_path):
 
 
 def test_load_sparse_of_a_nonuniform_structured_model(tmp_path):
-    from slimlm.prune.storage import load_sparse, save_sparse
-    from slimlm.prune.structured import StructuredConfig, prune_structured
+    from slimlm.pruning.storage import load_sparse, save_sparse
+    from slimlm.pruning.structured import StructuredConfig, prune_structured
 
     model = tiny_model("qwen2")
     prune_structured(model, StructuredConfig(ratio=0.3, importance="magnitude", uniform=False))

@@ -9,7 +9,7 @@ import torch
 
 from slimlm.core import structured as S
 from slimlm.errors import ConfigError, SlimlmError
-from slimlm.prune.structured import (
+from slimlm.pruning.structured import (
     Selection,
     StructuredConfig,
     apply_selection,

@@ -171,10 +171,10 @@ def _special_loader(config: dict):
         from .quant.formats import import_compressed_tensors
         return import_compressed_tensors
     if config.get("slimlm_sparsity"):
-        from .prune.storage import load_sparse
+        from .pruning.storage import load_sparse
         return load_sparse
     if config.get("slimlm_structured"):
-        from .prune.structured import load_structured
+        from .pruning.structured import load_structured
         return load_structured
     return None
 

@@ -17,7 +17,7 @@ FAMILIES = ("quantize", "prune")
 # Modules whose import registers methods; imported lazily on first lookup.
 _METHOD_MODULES = {
     "quantize": ("slimlm.quant.methods",),
-    "prune": ("slimlm.prune.methods",),
+    "prune": ("slimlm.pruning.methods", "slimlm.pruning.structured"),
 }
 
 

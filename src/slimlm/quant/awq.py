@@ -1,0 +1,278 @@
+"""AWQ (Lin et al. 2023) through the calibration runner: per-input-channel scales, weight clipping, rounding.
+
+For each group of layers sharing an input x (q/k/v; o; gate/up; down):
+1. s = a^alpha with a = mean |x| per channel; alpha from a grid on [0, 1) minimising the group's output
+   error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 on the kept calibration rows (via X^T X);
+2. 1/s goes where it costs nothing at run time, found generically by probing the block in fp32:
+   - the norm whose output IS x (a forward hook compares tensor identity): weight / s (LayerNorm bias too),
+     or ((1 + weight) / s - 1) for norms computing x_hat * (1 + weight) (Gemma);
+   - else a linear layer earlier in the block with out_features == in_features of the group whose output
+     rows can absorb it (up_proj -> down_proj, v_proj -> o_proj with as many key/value heads as heads,
+     fc1 -> ReLU -> fc2);
+   - else the layers get an explicit input scale (ScaledQuantLinear: x / s at run time).
+   A candidate is accepted only if folding random scales into it, and their inverse into the group's
+   weights, leaves the block's output unchanged (relative error below 1e-3 in fp32): this catches
+   non-linear activations, norms feeding other layers too, and norm variants;
+3. per group of weights, the clipping range minimising the output error (core.awq.awq_clip_search), then
+   round-to-nearest of W diag(s) on that range.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.calibration import BlockContext, LinearInfo, LinearStats, RunnerOptions, is_linear, run_layerwise
+from slimlm.core.awq import awq_clip_search, awq_grid_search, quantize_clipped, scaled_fake_quantize
+from slimlm.core.quant import QuantResult
+from slimlm.errors import ConfigError
+from slimlm.quant.configs import AWQConfig
+from slimlm.quant.targets import Target, plan_targets, report, swap_in
+from slimlm.registry import register
+
+log = logging.getLogger(__name__)
+
+_NORM_FORMULAS = ("w", "1+w")
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Where a group's 1/s goes: "norm" (`target`, `formula`), "linear" (`target`) or "explicit"."""
+    kind: str
+    target: str = ""          # name of the norm / producing linear relative to the block
+    formula: str = ""         # norms: "w" (y = x_hat * w) or "1+w" (y = x_hat * (1 + w))
+
+
+# ---------------------------------------------------------------------------------------------- folding
+def fold_into_norm(norm: nn.Module, s: Tensor, formula: str) -> None:
+    """Make the norm's output x / s: divide its affine weight (and bias) by s (in,)."""
+    w = norm.weight.data
+    if formula == "w":
+        w.copy_((w.float() / s).to(w.dtype))
+    else:
+        w.copy_(((1 + w.float()) / s - 1).to(w.dtype))
+    b = getattr(norm, "bias", None)
+    if isinstance(b, torch.Tensor):
+        b.data.copy_((b.data.float() / s).to(b.dtype))
+
+
+def _scale_rows(info: LinearInfo, s: Tensor) -> None:
+    info.set_weight(info.weight() / s[:, None])
+    b = getattr(info.module, "bias", None)
+    if b is not None:
+        b.data.copy_((b.data.float() / s).to(b.dtype))
+
+
+def _one_window(ctx: BlockContext) -> tuple[Tensor, tuple, dict]:
+    """The first calibration window of the block's inputs (batch dimension cut to 1 in every argument)."""
+    x = ctx.inputs[0]
+    B = x.shape[0]
+
+    def cut(v):
+        if isinstance(v, Tensor):
+            return v[:1] if B > 1 and v.dim() > 0 and v.shape[0] == B else v
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(a) for a in v)
+        if isinstance(v, dict):
+            return {k: cut(a) for k, a in v.items()}
+        return v
+    return x[:1], cut(ctx.args[0]), cut(ctx.kwargs[0])
+
+
+def _run(block: nn.Module, window) -> Tensor:
+    x, args, kwargs = window
+    out = block(x, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _is_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (not is_linear(m) and isinstance(w, nn.Parameter) and w.dim() == 1
+            and next(m.children(), None) is None)
+
+
+def _observe(block: nn.Module, window) -> tuple[dict[str, Tensor], list[tuple[str, Tensor]], list[str]]:
+    """One forward: each linear's first input, every norm-like output, and the linears' execution order."""
+    inputs: dict[str, Tensor] = {}
+    norm_outs: list[tuple[str, Tensor]] = []
+    hooks = []
+    for name, m in block.named_modules():
+        if is_linear(m):
+            def pre(mod, args, _n=name):
+                inputs.setdefault(_n, args[0])
+            hooks.append(m.register_forward_pre_hook(pre))
+        elif _is_norm(m):
+            def post(mod, args, out, _n=name):
+                norm_outs.append((_n, out))
+            hooks.append(m.register_forward_hook(post))
+    try:
+        _run(block, window)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, norm_outs, list(inputs)
+
+
+class FoldFinder:
+    """Finds (and caches per block class and layer names) where each group's input scale can go."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Fold] = {}
+        self._gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, ctx: BlockContext, names: tuple[str, ...]) -> Fold:
+        key = (type(ctx.block).__name__, names)
+        if key not in self._cache:
+            self._cache[key] = self._find(ctx, names)
+            log.info("AWQ: input of %s -> %s", ", ".join(names), self._cache[key])
+        return self._cache[key]
+
+    def _find(self, ctx: BlockContext, names: tuple[str, ...]) -> Fold:
+        block, window = ctx.block, _one_window(ctx)
+        with torch.no_grad():
+            inputs, norm_outs, order = _observe(block, window)
+            x = inputs.get(names[0])
+            if x is None:
+                return Fold("explicit")
+            in_f = LinearInfo("", block.get_submodule(names[0])).in_features
+            cands = [Fold("norm", n, f) for n, out in norm_outs if out is x for f in _NORM_FORMULAS]
+            before = order[:order.index(names[0])]
+            cands += [Fold("linear", n) for n in reversed(before)
+                      if n not in names and LinearInfo("", block.get_submodule(n)).out_features == in_f]
+            if not cands:
+                return Fold("explicit")
+            y0 = _run(block, window)
+            for fold in cands:
+                if self._exact(block, window, names, fold, y0, in_f):
+                    return fold
+        return Fold("explicit")
+
+    def _exact(self, block: nn.Module, window, names: tuple[str, ...], fold: Fold, y0: Tensor,
+               in_f: int) -> bool:
+        """Fold random scales r and multiply the group's weights by r: is the block's output unchanged?"""
+        r = 0.5 + 1.5 * torch.rand(in_f, generator=self._gen)
+        src = block.get_submodule(fold.target)
+        touched = [src] + [block.get_submodule(n) for n in names]
+        saved = [(p, p.data.clone()) for m in touched for p in m.parameters(recurse=False)]
+        try:
+            if fold.kind == "norm":
+                fold_into_norm(src, r.to(src.weight.device), fold.formula)
+            else:
+                _scale_rows(LinearInfo(fold.target, src), r)
+            for n in names:
+                info = LinearInfo(n, block.get_submodule(n))
+                info.set_weight(info.weight() * r)
+            y1 = _run(block, window)
+        finally:
+            for p, data in saved:
+                p.data.copy_(data)
+        tol = 1e-3 if y0.dtype == torch.float32 else 3e-2
+        ref = (y0 - window[0]).float().norm().clamp(min=1e-12)
+        return bool(torch.isfinite(y1).all()) and float((y1 - y0).float().norm() / ref) < tol
+
+
+# ---------------------------------------------------------------------------------------------- processor
+class AWQProcessor:
+    """The calibration runner's view of AWQ (see the module docstring)."""
+    needs = frozenset({"abs_sum", "inputs"})
+    sequential = False
+
+    def __init__(self, config: AWQConfig, plan: dict[str, Target]) -> None:
+        self.config, self.plan = config, plan
+        self.results: dict[str, QuantResult] = {}
+        self.input_scales: dict[str, Tensor] = {}
+        self.folds = FoldFinder()
+        self.counts: Counter = Counter()
+
+    def process(self, ctx: BlockContext, group: list[tuple[LinearInfo, LinearStats]]) -> None:
+        infos = [info for info, _ in group]
+        targets = [self.plan[i.name] for i in infos if i.name in self.plan]
+        st = group[0][1]
+        if not targets or st.inputs is None or st.nsamples == 0:
+            return
+        X = st.inputs.float()                                                      # (k, in)
+        s = self.search_scale(targets, X, st.abs_sum / st.nsamples)
+        fold = self.folds(ctx, tuple(i.name[len(ctx.prefix) + 1:] for i in infos))
+        self.counts[fold.kind] += 1
+        if fold.kind == "norm":
+            fold_into_norm(ctx.block.get_submodule(fold.target), s, fold.formula)
+        elif fold.kind == "linear":
+            self._fold_into_producer(ctx, fold.target, s)
+        if fold.kind != "explicit":   # x arrives divided by s: full-precision members absorb s exactly
+            for info in infos:
+                if info.name not in self.plan:
+                    info.set_weight(info.weight() * s)
+        Xs = X / s
+        for t in targets:
+            res = self.quantize(t.info.weight() * s, Xs, t)
+            self.results[t.name] = res
+            W_eff = res.dequantize()
+            if fold.kind == "explicit":
+                self.input_scales[t.name] = s
+                W_eff = W_eff / s
+            t.info.set_weight(W_eff)
+
+    def search_scale(self, targets: list[Target], X: Tensor, act_mean: Tensor) -> Tensor:
+        """Scales s (in,) of the best alpha for the group's layers (output error through X^T X / k)."""
+        gram = X.T @ X / X.shape[0]                                               # (in, in)
+        weights = [(t, t.info.weight()) for t in targets]
+        sym = self.config.symmetric
+
+        def loss(s: Tensor) -> float:
+            total = 0.0
+            for t, W in weights:
+                E = W - scaled_fake_quantize(W, s, t.bits, t.group_size, sym)    # (out, in)
+                total += float(((E @ gram) * E).sum())
+            return total
+        s, alpha, _ = awq_grid_search(act_mean, loss, self.config.n_grid)
+        log.debug("AWQ %s: alpha=%.2f", targets[0].name, alpha)
+        return s
+
+    def quantize(self, Ws: Tensor, Xs: Tensor, t: Target) -> QuantResult:
+        """Clipping search (when enabled) and round-to-nearest of the scaled weight W diag(s)."""
+        sym = self.config.symmetric
+        if self.config.clip:
+            max_abs = awq_clip_search(Ws, Xs, t.bits, t.group_size, sym)
+        else:
+            g = t.group_size if t.group_size > 0 else Ws.shape[1]
+            max_abs = Ws.abs().reshape(Ws.shape[0], -1, g).amax(-1)                # no clipping
+        return quantize_clipped(Ws, max_abs, t.bits, t.group_size, sym)
+
+    def _fold_into_producer(self, ctx: BlockContext, rel: str, s: Tensor) -> None:
+        """Divide the output rows of an earlier linear (quantized or not) by s."""
+        name = f"{ctx.prefix}.{rel}"
+        info = LinearInfo(name, ctx.block.get_submodule(rel))
+        res = self.results.get(name)
+        if res is None:
+            _scale_rows(info, s)
+            return
+        res.scale = res.scale / s[:, None]           # rows of W_hat = (q - z) * scale scale exactly
+        W_eff = res.dequantize()
+        if name in self.input_scales:
+            W_eff = W_eff / self.input_scales[name]
+        info.set_weight(W_eff)
+        b = getattr(info.module, "bias", None)
+        if b is not None:
+            b.data.copy_((b.data.float() / s).to(b.dtype))
+
+
+@register("quantize", "awq", AWQConfig, needs_data=True,
+          help="AWQ: activation-aware scaling and clipping, then rounding (needs --data)")
+def apply_awq(model: nn.Module, config: AWQConfig, data: Tensor, runner: RunnerOptions) -> dict:
+    from slimlm.quant.methods import fallback_count, quantize_rest
+
+    if runner.keep_rows < 1:
+        raise ConfigError("AWQ needs kept calibration rows: set RunnerOptions(keep_rows=...) to at least 512")
+    plan = plan_targets(model, config)
+    proc = AWQProcessor(config, plan)
+    if any(t.in_block for t in plan.values()):
+        run_layerwise(model, data, proc, runner)
+    rtn_n = quantize_rest(plan, config, proc.results)
+    swap_in(model, proc.results, "awq", proc.input_scales)
+    return report("awq", proc.results, model, per_channel_fallback=fallback_count(config, plan),
+                  rtn_fallback=rtn_n, groups_folded_into_norms=proc.counts["norm"],
+                  groups_folded_into_linears=proc.counts["linear"],
+                  layers_with_input_scale=len(proc.input_scales))

@@ -1,0 +1,213 @@
+"""One config dataclass per quantization method; every field documents itself (the CLI's --help reads it).
+
+Layer selection is shared by all methods. By default every linear layer of the transformer blocks is
+quantized; the output layer (lm_head) and anything else outside the blocks stay in full precision, and
+embeddings always do. Two options change that, with the layer-name patterns pruning uses
+(slimlm.pruning.configs: globs over whole dotted parts, so `down_proj`, `mlp`, `layers.0`, `self_attn.*_proj`
+and `lm_head` all work):
+
+    overrides = "down_proj=8,lm_head=4,layers.0=none"     PATTERN=VALUE pairs, the first matching pair wins;
+                                                          VALUE is a bit width or none (full precision)
+    ignore    = "o_proj,layers.0"                         layers kept in full precision
+
+A pattern that matches no linear layer is an error (a typo would otherwise be silently ignored).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from slimlm.core.nf4 import QUANT_TYPES
+from slimlm.errors import ConfigError
+from slimlm.pruning.configs import PATTERN_HELP, split_list
+
+FULL_PRECISION = ("none", "fp", "full")
+GROUP_FALLBACKS = ("error", "per-channel")
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # what bitsandbytes can load
+
+OVERRIDES_HELP = ("per-layer bit widths: comma-separated PATTERN=VALUE pairs, VALUE bits or 'none' (full "
+                  "precision), the first matching pair wins; layers outside the transformer blocks (lm_head) "
+                  "are quantized only when a pair names them. E.g. 'down_proj=8,lm_head=4,layers.0=none'; "
+                  + PATTERN_HELP)
+IGNORE_HELP = ("comma-separated patterns of layers kept in full precision, e.g. 'o_proj,layers.0'; "
+               + PATTERN_HELP)
+
+
+class Rule(NamedTuple):
+    """One override: layers matching `pattern` get `bits` (None = full precision)."""
+    pattern: str
+    bits: int | None
+
+
+def parse_overrides(spec: str | dict, allowed_bits: tuple[int, ...]) -> tuple[Rule, ...]:
+    """Rules from 'PATTERN=VALUE,...' (or a dict {pattern: bits or None}); see the module docstring."""
+    if isinstance(spec, dict):
+        pairs = [(str(k).strip(), "none" if v is None else str(v).strip()) for k, v in spec.items()]
+    else:
+        pairs = []
+        for item in split_list(spec):
+            pattern, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or not pattern:
+                raise ConfigError(f"overrides item {item!r} is not PATTERN=VALUE; write e.g. 'down_proj=8' "
+                                  "or 'lm_head=none', items separated by commas")
+            pairs.append((pattern, value))
+    rules = []
+    for pattern, value in pairs:
+        if value.lower() in FULL_PRECISION:
+            rules.append(Rule(pattern, None))
+            continue
+        try:
+            bits = int(value)
+        except ValueError:
+            bits = None
+        if bits not in allowed_bits:
+            raise ConfigError(f"overrides item {pattern}={value}: the value must be 'none' or one of the bit "
+                              f"widths {', '.join(map(str, allowed_bits))}")
+        rules.append(Rule(pattern, bits))
+    return tuple(rules)
+
+
+def _check_bits(bits: int, allowed: tuple[int, ...]) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
+        raise ConfigError(f"bits must be one of {', '.join(map(str, allowed))}, got {bits!r}")
+
+
+@dataclass(kw_only=True)
+class LayerSelection:
+    """Which layers a method quantizes (shared by every quantization config)."""
+    overrides: str = field(default="", metadata={"help": OVERRIDES_HELP})
+    ignore: str = field(default="", metadata={"help": IGNORE_HELP})
+
+    #: bit widths an override may ask for (a method with one width allows only that one)
+    ALLOWED_BITS = tuple(range(2, 9))
+
+    def __post_init__(self) -> None:
+        self.ignore = ",".join(split_list(self.ignore or ""))
+        self.rules()  # validates
+
+    def rules(self) -> tuple[Rule, ...]:
+        return parse_overrides(self.overrides or "", self.ALLOWED_BITS)
+
+    def ignore_patterns(self) -> list[str]:
+        return split_list(self.ignore)
+
+    def default_bits(self) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class IntQuantConfig(LayerSelection):
+    """Uniform integer weights: q = clamp(round(w / s) + z, 0, 2^b - 1) per group of input columns."""
+    bits: int = field(default=4, metadata={
+        "help": "bits per weight, 2..8 (default 4; 5-7 bit codes are stored in 8-bit containers)"})
+    group_size: int = field(default=64, metadata={
+        "help": "input columns sharing one scale (default 64): g > 0 (must divide every layer's input size), "
+                "-1 = one scale per output channel, 0 = one scale per tensor"})
+    symmetric: bool = field(default=False, metadata={
+        "help": "symmetric grid around zero (zero point fixed at 2^(bits-1)) instead of min/max "
+                "(asymmetric)"})
+    group_fallback: str = field(default="error", kw_only=True, metadata={
+        "help": "when group_size does not divide a layer's input size: 'error' (default, lists the sizes "
+                "that fit) or 'per-channel' (quantize just those layers per output channel)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_bits(self.bits, tuple(range(2, 9)))
+        if not isinstance(self.group_size, int) or self.group_size < -1:
+            raise ConfigError(f"group_size must be a positive group size (e.g. 64 or 128), -1 (per channel) "
+                              f"or 0 (per tensor), got {self.group_size!r}")
+        if self.group_fallback not in GROUP_FALLBACKS:
+            raise ConfigError(f"group_fallback must be one of {', '.join(GROUP_FALLBACKS)}, "
+                              f"got {self.group_fallback!r}")
+
+    def default_bits(self) -> int:
+        return self.bits
+
+
+@dataclass
+class RTNConfig(IntQuantConfig):
+    """Round-to-nearest: min/max scales per group, no calibration data."""
+
+
+@dataclass
+class GPTQConfig(IntQuantConfig):
+    """GPTQ (Frantar et al. 2022): round column by column, spreading each error over the columns left."""
+    damp: float = field(default=0.01, metadata={
+        "help": "dampening added to the Hessian's diagonal, as a fraction of its mean (raised automatically "
+                "if the Hessian is not positive definite)"})
+    block_size: int = field(default=128, metadata={
+        "help": "columns per lazy-update block (speed only; the result does not depend on it)"})
+    act_order: bool = field(default=False, metadata={
+        "help": "quantize columns in order of decreasing Hessian diagonal (activation order)"})
+    static_groups: bool = field(default=False, metadata={
+        "help": "with act_order: compute group scales up front from the original weights, keeping groups "
+                "contiguous (faster kernels, no column permutation)"})
+    true_sequential: bool = field(default=True, metadata={
+        "help": "quantize the layers of a block in order, each calibrated on the outputs of the layers "
+                "already quantized (q/k/v, then o, then gate/up, then down)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.damp < 1.0:
+            raise ConfigError(f"damp must be in [0, 1) (typically 0.01), got {self.damp}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be a positive number of columns (e.g. 128), "
+                              f"got {self.block_size}")
+
+
+@dataclass
+class AWQConfig(IntQuantConfig):
+    """AWQ (Lin et al. 2023): activation-aware per-channel scaling and weight clipping, then rounding."""
+    n_grid: int = field(default=20, metadata={
+        "help": "points of the grid search over the scaling exponent alpha in [0, 1)"})
+    clip: bool = field(default=True, metadata={
+        "help": "search a clipping range per group minimising the output error (AWQ's weight clipping)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size == 0:
+            raise ConfigError("AWQ needs group_size -1 (per channel) or g > 0 (e.g. 64), not 0 (per tensor)")
+        if not isinstance(self.n_grid, int) or self.n_grid < 1:
+            raise ConfigError(f"n_grid must be a positive number of grid points (e.g. 20), "
+                              f"got {self.n_grid!r}")
+
+
+@dataclass
+class NF4Config(LayerSelection):
+    """NF4 / FP4 block-wise 4-bit weights with double quantization (QLoRA, bitsandbytes-compatible)."""
+    quant_type: str = field(default="nf4", metadata={
+        "help": "4-bit code table: nf4 (normal quantiles, for normally distributed weights) or fp4"})
+    blocksize: int = field(default=64, metadata={"help": "weights per absmax block (bitsandbytes: 32..4096)"})
+    double_quant: bool = field(default=True, metadata={
+        "help": "quantize the block absmaxes to 8 bits (about 0.37 bits per weight saved)"})
+
+    ALLOWED_BITS = (4,)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"quant_type must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if self.blocksize not in BNB_BLOCKSIZES:
+            raise ConfigError(f"blocksize must be one of {', '.join(map(str, BNB_BLOCKSIZES))} (what "
+                              f"bitsandbytes loads), got {self.blocksize!r}")
+
+    def default_bits(self) -> int:
+        return 4
+
+
+@dataclass
+class Int8Config(LayerSelection):
+    """LLM.int8() (Dettmers et al. 2022): int8 weights and activations, outlier features in float."""
+    threshold: float = field(default=6.0, metadata={
+        "help": "activation magnitude from which a feature is an outlier kept in floating point "
+                "(0 = plain vector-wise int8, no decomposition)"})
+
+    ALLOWED_BITS = (8,)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.threshold >= 0:
+            raise ConfigError(f"threshold must be >= 0 (6.0 is LLM.int8()'s default), got {self.threshold}")
+
+    def default_bits(self) -> int:
+        return 8

@@ -61,6 +61,109 @@ def measure_eval(model_ref: str, windows: str, speed: bool, reference: str | Non
     return out
 
 
+def measure_compress(family: str, method: str, options: dict, out_dir: str) -> dict:
+    """In this process: load the default, calibrate on the protocol's windows, compress, save; time and RSS."""
+    import torch
+
+    import slimlm
+    from slimlm import api, io, models, registry
+    from slimlm import metrics as M
+    from slimlm.configs import build_config
+
+    torch.set_num_threads(P.THREADS)
+    m = registry.get(family, method)
+    config = build_config(m.config_cls, options, method)
+    model = slimlm.load_model(P.MODEL)
+    tok = slimlm.load_tokenizer(P.MODEL)
+    windows = None
+    if m.needs_data:
+        windows = api.calibration_data(tok, P.corpus(P.CALIB_TEXT), samples=P.CALIB_SAMPLES, seqlen=P.SEQLEN)
+    t0 = time.perf_counter()
+    report = getattr(api, family)(model, config, data=windows)
+    wall = time.perf_counter() - t0
+    peak = M.peak_rss_bytes()
+    with io.atomic_dir(out_dir, overwrite=True) as tmp:
+        models.save_model(model, tok, tmp)
+    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "file_bytes": models.files_bytes(out_dir),
+            "report": {k: v for k, v in (report or {}).items() if isinstance(v, (int, float, str, bool))}}
+
+
+def _peer(method: str, opts: dict, workdir: Path) -> dict:
+    """llm-compressor on the same model, data and settings, in its own venv (bench/setup_peer.sh)."""
+    import os
+
+    py = Path(os.environ.get("SLIMLM_PEER_VENV", Path.home() / ".cache/slimlm/peer-venv")) / "bin" / "python"
+    if not py.is_file():
+        return {"error": f"peer venv missing ({py}); run bash bench/setup_peer.sh"}
+    from slimlm import models
+
+    model_dir = models.embedded_folder(P.MODEL)
+    out = workdir / f"peer-{method}.json"
+    cmd = [str(py), str(Path(__file__).parent / "peer_llmcompressor.py"), "--model", str(model_dir),
+           "--method", method, "--calib", P.corpus(P.CALIB_TEXT), "--eval",
+           *[P.corpus(f) for f in P.EVAL_TEXTS.values()], "--json", str(out)]
+    for k, v in opts.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(out.read_text())
+
+
+QUANT_CASES = {
+    # name: (method, slimlm options, peer method or None, peer options)
+    "rtn_w4g64": ("rtn", {"bits": "4", "group_size": "64"}, "rtn", {"bits": 4, "group_size": 64}),
+    "rtn_w3g64": ("rtn", {"bits": "3", "group_size": "64"}, "rtn", {"bits": 3, "group_size": 64}),
+    "rtn_w2g64": ("rtn", {"bits": "2", "group_size": "64"}, None, {}),
+    "rtn_w4pc": ("rtn", {"bits": "4", "group_size": "-1"}, None, {}),
+    "gptq_w4g64": ("gptq", {"bits": "4", "group_size": "64"}, "gptq", {"bits": 4, "group_size": 64}),
+    "gptq_w3g64": ("gptq", {"bits": "3", "group_size": "64"}, "gptq", {"bits": 3, "group_size": 64}),
+    "gptq_w2g64": ("gptq", {"bits": "2", "group_size": "64"}, None, {}),
+    "gptq_w4pc": ("gptq", {"bits": "4", "group_size": "-1"}, None, {}),
+    "awq_w4g64": ("awq", {"bits": "4", "group_size": "64"}, None, {}),
+    "awq_w3g64": ("awq", {"bits": "3", "group_size": "64"}, None, {}),
+    "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
+    "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),
+    "nf4_dq": ("nf4", {}, None, {}),
+    "llm_int8": ("int8", {}, None, {}),
+}
+
+
+def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
+    """Each case: compress in one process, evaluate the saved folder in another; peer rows beside them."""
+    import tempfile
+
+    selected = [c for c in cases if not args.only or c in args.only.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="slimlm-bench-"))
+    path = P.RESULTS / f"{result_name}.json"
+    rows = json.loads(path.read_text())["figures"]["rows"] if path.is_file() and not args.fresh else {}
+    fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
+    rows["fp32"] = {"tool": "reference", **fp32}
+    for name in selected:
+        method, opts, peer_method, peer_opts = cases[name]
+        print(f"[{name}] slimlm {method} {opts}", flush=True)
+        out_dir = str(work / name)
+        try:
+            comp = _child(["compress-one", family, method, json.dumps(opts), out_dir])
+            ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--speed", "--reference", P.MODEL])
+            row = {"tool": "slimlm", "method": method, "options": opts, **comp, **ev,
+                   "decode_vs_fp32": ev["decode_tokens_per_s"] / fp32["decode_tokens_per_s"],
+                   "prefill_vs_fp32": ev["prefill_tokens_per_s"] / fp32["prefill_tokens_per_s"],
+                   "resident_vs_fp32": ev["resident_bytes"] / fp32["resident_bytes"],
+                   "file_vs_fp32": comp["file_bytes"] / fp32["disk_bytes"]}
+        except RuntimeError as e:
+            row = {"tool": "slimlm", "method": method, "options": opts, "error": str(e)[-2000:]}
+        rows[name] = row
+        if peer_method and not args.no_peer:
+            print(f"[{name}] llm-compressor {peer_method} {peer_opts}", flush=True)
+            peer = _peer(peer_method, peer_opts, work)
+            rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", **peer}
+            if "wall_s" in peer and "wall_s" in row:
+                row["wall_vs_llmcompressor"] = row["wall_s"] / peer["wall_s"]
+        P.write_result(result_name, {"cases": selected}, {"rows": rows})
+    print(f"wrote {path}")
+
+
 def suite_baseline(args) -> None:
     quick = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
     full = _child(["eval-one", P.MODEL, "all"])
@@ -74,6 +177,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("baseline", help="the fp32 default model")
+    q = sub.add_parser("quant", help="quantization methods against fp32 and llm-compressor")
+    for sp in (q,):
+        sp.add_argument("--only", default="", help="comma-separated case names")
+        sp.add_argument("--no-peer", action="store_true", help="skip the llm-compressor rows")
+        sp.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")
+    c = sub.add_parser("compress-one", help="(internal) one compression in this process")
+    c.add_argument("family")
+    c.add_argument("method")
+    c.add_argument("options")
+    c.add_argument("out_dir")
     one = sub.add_parser("eval-one", help="(internal) one evaluation in this process")
     one.add_argument("model")
     one.add_argument("windows")
@@ -82,8 +195,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "eval-one":
         print(json.dumps(measure_eval(args.model, args.windows, args.speed, args.reference)))
+    elif args.cmd == "compress-one":
+        print(json.dumps(measure_compress(args.family, args.method, json.loads(args.options), args.out_dir)))
     elif args.cmd == "baseline":
         suite_baseline(args)
+    elif args.cmd == "quant":
+        suite_compress(args, "quantize", QUANT_CASES, "quantization")
 
 
 if __name__ == "__main__":

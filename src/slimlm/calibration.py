@@ -224,7 +224,12 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tenso
             raise _Stop
         return hook
 
+    def after_last(_mod, _args, _out):
+        if state["record"] is not None:
+            raise _Stop  # the arguments are recorded; the final norm and output layer need not run
+
     hooks = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    hooks.append(blocks[-1].register_forward_hook(after_last))
     try:
         with torch.no_grad():
             for start in range(0, windows.shape[0], opts.batch_size):

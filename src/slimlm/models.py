@@ -167,6 +167,9 @@ def _special_loader(config: dict):
     if q.get("quant_method") == "gptq":  # GPTQ checkpoints from any tool run on slimlm's kernels
         from .quant.formats import import_gptq
         return import_gptq
+    if q.get("quant_method") == "bitsandbytes":  # NF4/FP4/LLM.int8() folders load without bitsandbytes
+        from .quant.bnb_format import load_bnb
+        return load_bnb
     if q.get("quant_method") == "compressed-tensors" and q.get("format") == "pack-quantized":
         from .quant.formats import import_compressed_tensors
         return import_compressed_tensors

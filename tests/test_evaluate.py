@@ -49,3 +49,21 @@ def test_evaluate_api_end_to_end(text_file):
     assert r["windows"] == 4 and r["tokens"] == 4 * 63
     assert r["top1_agreement"] == 1.0 and r["perplexity"] > 1
     assert len(TEXT) // 64 >= 4
+
+
+def test_size_of_a_quantized_model_counts_logical_weights():
+    from slimlm.core.quant import rtn_quantize
+    from slimlm.quant.linear import QuantLinear
+
+    model = tiny_model("llama")
+    n = sum(p.numel() for p in model.parameters())
+    dense = E.size(model)
+    lin = model.model.layers[0].mlp.down_proj
+    codes, scale, zero = rtn_quantize(lin.weight.detach(), 4, False, 32)
+    from slimlm.core.quant import QuantResult, default_g_idx
+    res = QuantResult(codes, scale, zero, default_g_idx(lin.in_features, 32), 4, 32, False)
+    model.model.layers[0].mlp.down_proj = QuantLinear.from_result(res, None)
+    q = E.size(model)
+    assert q.parameters == n
+    assert q.resident_bytes < dense.resident_bytes
+    assert q.linear_bits_per_weight < dense.linear_bits_per_weight

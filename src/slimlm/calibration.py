@@ -161,7 +161,9 @@ class Processor(Protocol):
 @dataclass
 class RunnerOptions:
     batch_size: int = 8              # windows per forward pass
-    fast: bool = True                # bf16 autocast forwards and bf16 X^T X products (fp32 accumulation)
+    fast: bool = True                # bf16 autocast forwards (statistics still accumulate in fp32)
+    fast_stats: bool = False         # X^T X products in bf16 too: ~4x faster, but rounding each product to
+                                     # bf16 can make H indefinite (GPTQ then needs more damping)
     device: str = "cpu"
     keep_rows: int = 4096            # rows of input kept per group when a method needs "inputs"
     progress: bool = True
@@ -295,7 +297,7 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
     hooks = []
     for g, st in zip(groups, stats):
         def pre(mod, args, _st=st, _stop=(g[0].module is last)):
-            _st.add(args[0].detach(), needs, opts.fast, opts.keep_rows)
+            _st.add(args[0].detach(), needs, opts.fast_stats, opts.keep_rows)
             if _stop:
                 raise _Stop
         hooks.append(g[0].module.register_forward_pre_hook(pre))

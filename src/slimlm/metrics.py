@@ -54,14 +54,29 @@ def agreement(model: nn.Module, reference: nn.Module, windows: Tensor, *, progre
     return {"kl_divergence": kl / count, "top1_agreement": agree / count, "tokens": count}
 
 
+def _packed_numel(m: nn.Module) -> int | None:
+    """Weights a packed linear module represents (in * out + bias), or None for an ordinary module.
+
+    A quantized linear (QuantLinear, NF4Linear, Int8Linear, ...) keeps its weight as buffers, not as a
+    `weight` parameter, but still declares in_features and out_features.
+    """
+    if is_linear(m) or isinstance(getattr(m, "weight", None), nn.Parameter):
+        return None
+    i, o = getattr(m, "in_features", None), getattr(m, "out_features", None)
+    if not (isinstance(i, int) and isinstance(o, int)):
+        return None
+    bias = getattr(m, "bias", None)
+    return i * o + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+
+
 def logical_numel(module: nn.Module) -> int:
     """Parameters the model represents (a packed 4-bit weight counts in*out, not its int32 words)."""
     total = 0
     seen = set()
     for m in module.modules():
-        own = getattr(m, "logical_numel", None)
-        if callable(own) and m is not module:
-            total += own()
+        own = _packed_numel(m)
+        if own is not None:
+            total += own
             seen.update(id(t) for t in list(m.parameters()) + list(m.buffers()))
     for t in module.parameters():
         if id(t) not in seen:
@@ -97,9 +112,9 @@ def size(model: nn.Module, disk_bytes: int | None = None) -> Size:
     resident = tensor_bytes(model)
     lin_bits, lin_params = 0, 0
     for m in model.modules():
-        own = getattr(m, "logical_numel", None)
-        if callable(own):
-            lin_params += own()
+        own = _packed_numel(m)
+        if own is not None:
+            lin_params += own
             lin_bits += 8 * tensor_bytes(m)
         elif is_linear(m) and m.weight.device.type != "meta":
             lin_params += m.weight.numel()

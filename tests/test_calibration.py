@@ -104,3 +104,13 @@ def test_unknown_statistic_rejected():
     with pytest.raises(ValueError, match="unknown statistics"):
         run_layerwise(tiny_model("llama"), random_windows(2, 8), Recorder(needs=("bogus",)),
                       RunnerOptions(progress=False))
+
+
+def test_hessians_stay_positive_semidefinite_under_bf16_passes():
+    """Regression: the hooks run inside the forward's bf16 autocast; X^T X must still be an fp32 product
+    (a bf16 product made SmolLM2's o_proj Hessians indefinite, and GPTQ fell back to heavy damping)."""
+    rec = Recorder()
+    run_layerwise(tiny_model("llama"), random_windows(8, 64), rec, RunnerOptions(fast=True, progress=False))
+    for _, names, st in rec.groups:
+        ev = torch.linalg.eigvalsh(st.hessian.double())
+        assert ev.min() >= -1e-9 * ev.max(), (names, ev.min().item(), ev.max().item())

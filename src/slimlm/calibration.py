@@ -92,6 +92,11 @@ class LinearStats:
     _rows: list = field(default_factory=list, repr=False)
 
     def add(self, x: Tensor, needs: frozenset, fast: bool, keep_rows: int) -> None:
+        # Hooks run inside the bf16 autocast of the forward pass; the statistics must not.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            self._add(x, needs, fast, keep_rows)
+
+    def _add(self, x: Tensor, needs: frozenset, fast: bool, keep_rows: int) -> None:
         x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
         if "hessian" in needs:

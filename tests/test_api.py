@@ -1,5 +1,4 @@
 """The top-level API stays callable whatever subpackages were imported."""
-import slimlm
 
 
 def test_api_functions_are_not_shadowed_by_subpackages():

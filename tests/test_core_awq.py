@@ -15,14 +15,6 @@ from slimlm.core.awq import (
 from slimlm.core.quant import dequantize_grouped, max_code, rtn_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def salient():
     """Inputs where 4 of 128 channels are ~30x louder than the rest, as in LLM activations."""

@@ -17,14 +17,6 @@ from slimlm.core.sparsegpt import sparsegpt_prune
 from slimlm.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g) @ (torch.randn(d, d, generator=g) / d ** 0.5)

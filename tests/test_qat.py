@@ -15,14 +15,6 @@ from slimlm.quant.qat import FakeQuantLinear, convert_qat, prepare_qat
 from conftest import random_windows, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum()))
 

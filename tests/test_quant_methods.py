@@ -24,13 +24,6 @@ from conftest import ARCHS, random_windows, tiny_model
 RUNNER = RunnerOptions(batch_size=4, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 DATA = random_windows(8, 32)
 HELD_OUT = random_windows(4, 32, seed=1)

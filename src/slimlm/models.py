@@ -239,16 +239,6 @@ def load_tokenizer(ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False)
         raise SlimlmError(f"could not load a tokenizer for {ref}: {_first_line(e)}") from None
 
 
-def model_folder(ref: str) -> Path | None:
-    """The local folder holding `ref`'s files (None for hub ids), for sizes on disk."""
-    kind, where = resolve(ref)
-    if kind == "folder":
-        return Path(where)
-    if kind == "gguf":
-        return None
-    return None
-
-
 def files_bytes(ref: str) -> int | None:
     kind, where = resolve(ref)
     if kind == "folder":

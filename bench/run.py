@@ -71,15 +71,21 @@ def measure_compress(family: str, method: str, options: dict, out_dir: str) -> d
     from slimlm.configs import build_config
 
     torch.set_num_threads(P.THREADS)
-    m = registry.get(family, method)
-    config = build_config(m.config_cls, options, method)
+    options = dict(options)
+    stages = [(family, method, options)]
+    if "then" in options:
+        stages.append(tuple(options.pop("then")))
     model = slimlm.load_model(P.MODEL)
     tok = slimlm.load_tokenizer(P.MODEL)
-    windows = None
-    if m.needs_data:
-        windows = api.calibration_data(tok, P.corpus(P.CALIB_TEXT), samples=P.CALIB_SAMPLES, seqlen=P.SEQLEN)
+    windows = api.calibration_data(tok, P.corpus(P.CALIB_TEXT), samples=P.CALIB_SAMPLES, seqlen=P.SEQLEN)
     t0 = time.perf_counter()
-    report = getattr(api, family)(model, config, data=windows)
+    report = {}
+    for fam, meth, opts in stages:
+        m = registry.get(fam, meth)
+        config = build_config(m.config_cls, opts, meth)
+        # structured pruning takes data only for its activation and taylor scores
+        uses_data = m.needs_data or getattr(config, "importance", "magnitude") != "magnitude"
+        report = getattr(api, fam)(model, config, data=windows if uses_data else None)
     wall = time.perf_counter() - t0
     peak = M.peak_rss_bytes()
     with io.atomic_dir(out_dir, overwrite=True) as tmp:
@@ -127,6 +133,30 @@ QUANT_CASES = {
     "nf4_dq": ("nf4", {}, None, {}),
     "llm_int8": ("int8", {}, None, {}),
 }
+
+# The pruning suite: method, options, peer. A case may chain a second stage ("then": family, method, options).
+_SPARSITIES = {"50": "0.5", "2of4": "2:4", "4of8": "4:8", "60": "0.6", "70": "0.7"}
+_PEER_SPARSE = {"50": "0.5", "2of4": "2:4"}
+PRUNE_CASES = {
+    f"{m}_{k}": (m, {"sparsity": v}, m if m != "magnitude" and k in _PEER_SPARSE else None, {"sparsity": v})
+    for m in ("magnitude", "wanda", "sparsegpt") for k, v in _SPARSITIES.items()
+}
+PRUNE_CASES.update({
+    "sparsegpt_50_joint_w4g64": ("sparsegpt", {"sparsity": "0.5", "bits": "4", "group_size": "64"}, None, {}),
+    "sparsegpt_50_then_rtn_w4g64": ("sparsegpt", {"sparsity": "0.5", "then": ["quantize", "rtn",
+                                                                        {"bits": "4", "group_size": "64"}]},
+                                    None, {}),
+    "structured_10_taylor": ("structured", {"ratio": "0.1", "importance": "taylor", "head_fraction": "0"},
+                             None, {}),
+    "structured_20_taylor": ("structured", {"ratio": "0.2", "importance": "taylor", "head_fraction": "0"},
+                             None, {}),
+    "structured_20_activation": ("structured", {"ratio": "0.2", "importance": "activation",
+                                                "head_fraction": "0"}, None, {}),
+    "structured_20_magnitude": ("structured", {"ratio": "0.2", "importance": "magnitude", "head_fraction": "0"},
+                                None, {}),
+    "structured_30_taylor": ("structured", {"ratio": "0.3", "importance": "taylor", "head_fraction": "0"},
+                             None, {}),
+})
 
 
 def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
@@ -178,7 +208,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("baseline", help="the fp32 default model")
     q = sub.add_parser("quant", help="quantization methods against fp32 and llm-compressor")
-    for sp in (q,):
+    pr = sub.add_parser("prune", help="pruning methods against fp32 and llm-compressor")
+    for sp in (q, pr):
         sp.add_argument("--only", default="", help="comma-separated case names")
         sp.add_argument("--no-peer", action="store_true", help="skip the llm-compressor rows")
         sp.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")
@@ -201,6 +232,8 @@ def main() -> None:
         suite_baseline(args)
     elif args.cmd == "quant":
         suite_compress(args, "quantize", QUANT_CASES, "quantization")
+    elif args.cmd == "prune":
+        suite_compress(args, "prune", PRUNE_CASES, "pruning")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from slimlm.core.gptq import gptq_quantize, prepare_hessian
-from slimlm.core.quant import dequantize_grouped, max_code, rtn_quantize
+from slimlm.core.quant import (dequantize_grouped, group_qparams, max_code, quantize_grouped, rtn_quantize,
+                             search_group_qparams)
 from slimlm.errors import ConfigError, SlimlmError
 
 
@@ -152,3 +153,35 @@ def test_bad_inputs(layer):
         gptq_quantize(W, H, 4, 48, False)
     with pytest.raises(SlimlmError):
         gptq_quantize(W, torch.full_like(H, float("nan")), 4, -1, False)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, -1), (2, 64)])
+def test_range_search_never_worse_than_min_max(layer, bits, group_size, symmetric):
+    W, H = layer
+    W = W.clone()
+    W[::7, 5] *= 6  # outliers: clipping them should pay off somewhere
+    c = torch.diagonal(H)
+    plain_s, plain_z = group_qparams(W, bits, symmetric, group_size)
+    s, z = search_group_qparams(W, bits, symmetric, group_size, c)
+    assert s.shape == plain_s.shape and z.shape == plain_z.shape
+
+    def weighted_err(s, z):  # per (row, group), the searched objective
+        w_hat = dequantize_grouped(quantize_grouped(W, s, z, bits, group_size=group_size), s, z,
+                                   group_size=group_size)
+        e = (W - w_hat).pow(2) * c
+        gs = W.shape[1] if group_size < 0 else group_size
+        return e.reshape(W.shape[0], -1, gs).sum(-1)
+
+    searched, plain = weighted_err(s, z), weighted_err(plain_s, plain_z)
+    assert (searched <= plain * (1 + 1e-6) + 1e-12).all()
+    assert searched.sum() < plain.sum()                       # and it finds a better range somewhere
+    assert (z == z.round()).all() and z.min() >= 0 and z.max() <= max_code(bits)
+
+
+def test_gptq_range_search_lowers_the_layer_error(layer):
+    W, H = layer
+    plain = gptq_quantize(W, H, 3, 32, False, act_order=True, static_groups=True)
+    searched = gptq_quantize(W, H, 3, 32, False, act_order=True, static_groups=True, range_search=True)
+    assert h_error(W, searched.dequantize(), H) < h_error(W, plain.dequantize(), H)
+    assert torch.equal(searched.g_idx, plain.g_idx)                 # static groups: contiguous, unpermuted

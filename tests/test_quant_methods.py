@@ -173,7 +173,8 @@ def test_gptq_solves_a_group_at_once_like_layer_by_layer():
     proc = GPTQProcessor(cfg, plan)
     proc.process(None, [(info, stats) for info in infos])
     for info, w in zip(infos, W):
-        alone = gptq_quantize(w, stats.hessian, 3, 32, False, act_order=True)
+        alone = gptq_quantize(w, stats.hessian, 3, 32, False, act_order=True, static_groups=cfg.static_groups,
+                              range_search=cfg.range_search)
         torch.testing.assert_close(proc.results[info.name].dequantize(), alone.dequantize())
         assert torch.equal(info.weight(), proc.results[info.name].dequantize())  # later groups see it
 

@@ -90,8 +90,10 @@ class LinearStats:
     abs_sum: Tensor | None = None   # (in,) fp32: sum_t |x_t|   (AWQ's activation magnitude * n)
     inputs: Tensor | None = None    # (k, in) a subsample of input rows, in the forward dtype
     _rows: list = field(default_factory=list, repr=False)
+    _fast_hessian: bool = field(default=False, repr=False)
 
     def add(self, x: Tensor, needs: frozenset, fast: bool, keep_rows: int) -> None:
+        self._fast_hessian = fast
         # Hooks run inside the bf16 autocast of the forward pass; the statistics must not.
         with torch.autocast(device_type=x.device.type, enabled=False):
             self._add(x, needs, fast, keep_rows)
@@ -100,9 +102,14 @@ class LinearStats:
         x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
         if "hessian" in needs:
-            xm = x.to(torch.bfloat16) if fast else x.float()
-            xx = (xm.t() @ xm).float()
-            self.hessian = xx if self.hessian is None else self.hessian.add_(xx)
+            if fast:
+                xm = x.to(torch.bfloat16)
+                xx = (xm.t() @ xm).float()
+                self.hessian = xx if self.hessian is None else self.hessian.add_(xx)
+            else:
+                if self.hessian is None:
+                    self.hessian = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+                gram_upper_(self.hessian, x.float())
         xf = x.float() if ({"sq_sum", "abs_sum"} & needs) else None
         if "sq_sum" in needs:
             s = xf.pow(2).sum(0)
@@ -119,10 +126,29 @@ class LinearStats:
 
     def finalize(self) -> None:
         if self.hessian is not None and self.nsamples:
+            if not self._fast_hessian:
+                mirror_upper_(self.hessian)
             self.hessian.mul_(2.0 / self.nsamples)
         if self._rows:
             self.inputs = torch.cat(self._rows)
             self._rows = []
+
+
+def gram_upper_(acc: Tensor, x: Tensor) -> None:
+    """acc += x^T x on and above the diagonal only (x (n, d) fp32): the row strips of the upper triangle
+    cost (p + 1) / 2p of the full product for p strips; mirror_upper_ completes the matrix once at the end.
+    Below the diagonal, acc holds partial sums of no meaning until then."""
+    d = x.shape[1]
+    p = max(1, min(4, d // 288))
+    bounds = [d * i // p for i in range(p + 1)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        acc[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+
+
+def mirror_upper_(m: Tensor) -> None:
+    """Make m symmetric from its upper triangle (diagonal included), in place."""
+    upper = torch.triu(m)
+    m.copy_(upper + torch.triu(upper, 1).t())
 
 
 # ----------------------------------------------------------------------------------------------- contexts

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, SlimlmError
-from .quant import QuantResult, choose_qparams, dequantize, group_qparams, num_groups, quantize
+from .quant import (QuantResult, choose_qparams, dequantize, group_qparams, num_groups, quantize,
+                    search_group_qparams)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def _group_layout(perm: Tensor, group_size: int, dynamic: bool) -> tuple[list[in
 
 
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: bool, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, static_groups: bool = False) -> QuantResult:
+                  block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                  range_search: bool = False) -> QuantResult:
     """GPTQ-quantize W (out, in) under Hessian H (in, in). Returns a QuantResult in the ORIGINAL column order.
 
     group_size: -1 per output channel, 0 per tensor, g > 0 groups of g columns. Per-group scale/zero are
@@ -113,6 +115,8 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: b
     with static_groups they are computed beforehand from the original W on contiguous original groups.
     act_order quantizes columns by descending diag(H); g_idx then maps each original column to its group
     (groups are consecutive in the processing order, or contiguous original groups with static_groups).
+    range_search: scales computed up front (static groups, per channel) shrink each group's range by the
+    factor that minimises the diag(H)-weighted rounding error (core.quant.search_group_qparams).
     """
     out_f, in_f = W.shape
     check_quant_args(bits, group_size, in_f)
@@ -125,8 +129,10 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: b
     if dynamic:
         scale = W.new_zeros(out_f, num_groups(in_f, group_size))
         zero = torch.zeros_like(scale)
+    elif range_search:  # original order: static groups
+        scale, zero = search_group_qparams(W, bits, symmetric, group_size, torch.diagonal(H).to(W.device))
     else:
-        scale, zero = group_qparams(W, bits, symmetric, group_size)  # original order: static groups
+        scale, zero = group_qparams(W, bits, symmetric, group_size)
     W = W[:, perm]
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     Hinv = prep.hinv_u

@@ -137,14 +137,19 @@ class GPTQConfig(IntQuantConfig):
                 "if the Hessian is not positive definite)"})
     block_size: int = field(default=128, metadata={
         "help": "columns per lazy-update block (speed only; the result does not depend on it)"})
-    act_order: bool = field(default=False, metadata={
-        "help": "quantize columns in order of decreasing Hessian diagonal (activation order)"})
-    static_groups: bool = field(default=False, metadata={
-        "help": "with act_order: compute group scales up front from the original weights, keeping groups "
-                "contiguous (faster kernels, no column permutation)"})
-    true_sequential: bool = field(default=True, metadata={
+    act_order: bool = field(default=True, metadata={
+        "help": "quantize columns in order of decreasing Hessian diagonal (activation order); default true"})
+    static_groups: bool = field(default=True, metadata={
+        "help": "compute group scales up front from the original weights, groups contiguous in the original "
+                "order (no column permutation at run time; llm-compressor's actorder=static); false: each "
+                "group's scale from the error-updated weights when the solver reaches it; default true"})
+    range_search: bool = field(default=True, metadata={
+        "help": "with static groups or per channel: shrink each group's range by the factor (grid of 20, up to "
+                "20 percent) that minimises its Hessian-diagonal-weighted rounding error; default true"})
+    true_sequential: bool = field(default=False, metadata={
         "help": "quantize the layers of a block in order, each calibrated on the outputs of the layers "
-                "already quantized (q/k/v, then o, then gate/up, then down)"})
+                "already quantized (q/k/v, then o, then gate/up, then down); costs about a third more time; "
+                "default false (one statistics pass per block, as llm-compressor)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -88,7 +88,8 @@ class GPTQProcessor:
             W = torch.cat([info.weight() for info in infos])                      # (sum of out, in)
             c = self.config
             res = gptq_quantize(W, H, bits, group_size, c.symmetric, damp=c.damp, block_size=c.block_size,
-                                act_order=c.act_order, static_groups=c.static_groups)
+                                act_order=c.act_order, static_groups=c.static_groups,
+                                range_search=c.range_search)
             row = 0
             for info in infos:
                 rows = slice(row, row + info.out_features)

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from slimlm.core.gptq import gptq_quantize, prepare_hessian
-from slimlm.core.quant import (dequantize_grouped, group_qparams, max_code, quantize_grouped, rtn_quantize,
-                             search_group_qparams)
+from slimlm.core.quant import (
+    dequantize_grouped,
+    group_qparams,
+    max_code,
+    quantize_grouped,
+    rtn_quantize,
+    search_group_qparams,
+)
 from slimlm.errors import ConfigError, SlimlmError
 
 

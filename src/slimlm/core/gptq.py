@@ -19,8 +19,15 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, SlimlmError
-from .quant import (QuantResult, choose_qparams, dequantize, group_qparams, num_groups, quantize,
-                    search_group_qparams)
+from .quant import (
+    QuantResult,
+    choose_qparams,
+    dequantize,
+    group_qparams,
+    num_groups,
+    quantize,
+    search_group_qparams,
+)
 
 log = logging.getLogger(__name__)
 

@@ -163,7 +163,11 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
     """Each case: compress in one process, evaluate the saved folder in another; peer rows beside them."""
     import tempfile
 
-    selected = [c for c in cases if not args.only or c in args.only.split(",")]
+    wanted = [c for c in args.only.split(",") if c] if args.only else list(cases)
+    unknown = [c for c in wanted if c not in cases]
+    if unknown:
+        sys.exit(f"bench: unknown case(s) {', '.join(unknown)}; known: {', '.join(cases)}")
+    selected = wanted  # in the order given
     work = Path(tempfile.mkdtemp(prefix="slimlm-bench-"))
     path = P.RESULTS / f"{result_name}.json"
     rows = json.loads(path.read_text())["figures"]["rows"] if path.is_file() and not args.fresh else {}

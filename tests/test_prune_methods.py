@@ -21,6 +21,8 @@ from slimlm.pruning.methods import (
     apply_sparsegpt,
     plan_targets,
 )
+from slimlm.core.gptq import prepare_hessian
+from slimlm.core.sparsegpt import sparsegpt_prune
 from slimlm.quant.linear import QuantLinear
 
 from conftest import random_windows, tiny_model
@@ -113,6 +115,26 @@ def test_sparsegpt_closer_to_dense_than_magnitude(arch, sparsity):
         prune(model, CONFIGS[method](sparsity=sparsity), data=random_windows(32, 32))
         mse[method] = logits_mse(model, ref, held_out)
     assert mse["sparsegpt"] < 0.9 * mse["magnitude"], mse
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sparsegpt_sequential_or_one_pass_both_prune_exactly(sequential):
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    prune(model, SparseGPTConfig(sparsity="0.5", true_sequential=sequential), data=random_windows(16, 32))
+    for name, info in block_linears(model).items():
+        check_pattern(info.weight(), model.slimlm_masks[name], "sparsegpt", "0.5")
+
+
+def test_shared_factorisation_gives_the_same_solve():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 64, generator=g)
+    H = 2 / 256 * X.T @ X
+    W = torch.randn(32, 64, generator=g)
+    for kw in ({"sparsity": 0.5}, {"sparsity": None, "prune_n": 2, "prune_m": 4}):
+        alone = sparsegpt_prune(W, H, **kw)
+        shared = sparsegpt_prune(W, H, prep=prepare_hessian(H, 0.01), **kw)
+        assert torch.equal(alone.mask, shared.mask) and torch.equal(alone.weight, shared.weight)
 
 
 # ------------------------------------------------------------------------------------------ joint GPTQ

@@ -277,3 +277,34 @@ def test_compressed_tensors_refuses_act_order(tmp_path):
     with pytest.raises(ConfigError, match="act-order"):
         export_compressed_tensors(model, None, tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_embeddings_halve_their_bytes_and_survive_save_and_load(tmp_path, tie):
+    import slimlm
+    from slimlm.quant.configs import RTNConfig
+
+    same = llama(tie)
+    slimlm.quantize(same, RTNConfig(bits=4, group_size=32))
+    ref = logits(same)                                               # same quantization, fp32 embeddings
+    model = llama(tie)
+    rep = slimlm.quantize(model, RTNConfig(bits=4, group_size=32, embed_dtype="bfloat16"))
+    emb = model.model.embed_tokens.weight
+    assert emb.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    assert (model.lm_head.weight is emb) == tie
+    assert rep["embed_bytes_saved"] == emb.numel() * 2 * (1 if tie else 2)
+    assert model.model.norm.weight.dtype == torch.float32          # the rest still computes in fp32
+    out = logits(model)
+    assert out.dtype == torch.float32
+    assert 0 < (out - ref).abs().max() < 0.02 * ref.abs().max()    # only the bf16 rounding differs
+    save_quantized(model, None, tmp_path / "q")
+    loaded = slimlm.load_model(str(tmp_path / "q"))
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(logits(loaded), out)
+
+
+def test_embed_dtype_is_checked():
+    from slimlm.quant.configs import RTNConfig
+
+    with pytest.raises(ConfigError, match="embed_dtype"):
+        RTNConfig(embed_dtype="float16")

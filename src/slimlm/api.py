@@ -50,7 +50,14 @@ def _apply(family: str, model: nn.Module, config: Any, data: Tensor | None,
 def quantize(model: nn.Module, config: Any, data: Tensor | None = None,
              runner: RunnerOptions | None = None) -> dict:
     """Quantize `model` in place with the method whose config this is; returns the method's report."""
-    return _apply("quantize", model, config, data, runner)
+    report = _apply("quantize", model, config, data, runner)
+    embed = getattr(config, "embed_dtype", "float32")
+    if embed != "float32":
+        from .quant.embeddings import EMBED_DTYPES, cast_embeddings
+
+        report["embed_dtype"] = embed
+        report["embed_bytes_saved"] = cast_embeddings(model, EMBED_DTYPES[embed])
+    return report
 
 
 def prune(model: nn.Module, config: Any, data: Tensor | None = None, runner: RunnerOptions | None = None) -> dict:

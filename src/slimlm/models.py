@@ -195,6 +195,8 @@ def load_model(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
             special = _special_loader(config)
             if special is not None:
                 model = special(Path(where))
+                from .quant.embeddings import reinstall_casts
+                reinstall_casts(model)
             else:
                 model = _from_pretrained(str(where), dtype=dtype, trust_remote_code=trust_remote_code)
         elif kind == "gguf":

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .gptq import aligned_block_size, check_quant_args, prepare_hessian
+from .gptq import HessianPrep, aligned_block_size, check_quant_args, prepare_hessian
 from .prune import nm_mask, num_pruned, prune_smallest
 from .quant import QuantResult, choose_qparams, default_g_idx, dequantize, group_qparams, num_groups, quantize
 
@@ -47,7 +47,7 @@ def _check_sparsity(sparsity: float | None, prune_n: int, prune_m: int, in_f: in
 
 def sparsegpt_prune(W: Tensor, H: Tensor, *, sparsity: float | None, prune_n: int = 0, prune_m: int = 0,
                     block_size: int = 128, damp: float = 0.01,
-                    quant: tuple[int, int, bool] | None = None) -> SparseGPTResult:
+                    quant: tuple[int, int, bool] | None = None, prep: HessianPrep | None = None) -> SparseGPTResult:
     """Prune W (out, in) under Hessian H (in, in) = 2/n sum x x^T, reconstructing the surviving weights.
 
     sparsity: fraction removed (exactly round(sparsity * out * in) weights over the layer). Or N:M with
@@ -55,13 +55,15 @@ def sparsegpt_prune(W: Tensor, H: Tensor, *, sparsity: float | None, prune_n: in
     quant: (bits, group_size, symmetric) to also GPTQ-quantize the kept weights; group scale/zero are taken
     when the sweep reaches the group, from the current weights with the pruned ones (known so far) zeroed;
     per channel (-1) they are taken once from the unpruned W. Pruned weights dequantize to exactly 0.
+    prep: prepare_hessian(H, damp) already computed (layers sharing an input share it); H is then unused.
     """
     out_f, in_f = W.shape
     _check_sparsity(sparsity, prune_n, prune_m, in_f)
     bits, group_size, symmetric = quant if quant is not None else (0, 0, False)
     if quant is not None:
         check_quant_args(bits, group_size, in_f)
-    prep = prepare_hessian(H.to(W.device), damp)
+    if prep is None:
+        prep = prepare_hessian(H.to(W.device), damp)
     W = W.detach().float().clone()
     W[:, prep.dead] = 0
     Hinv = prep.hinv_u

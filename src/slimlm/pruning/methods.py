@@ -29,6 +29,7 @@ from ..calibration import (
     run_layerwise,
 )
 from ..core.prune import global_magnitude_masks, magnitude_mask, wanda_mask
+from ..core.gptq import HessianPrep, prepare_hessian
 from ..core.sparsegpt import sparsegpt_prune
 from ..errors import ConfigError, SlimlmError
 from ..registry import register
@@ -247,13 +248,20 @@ def apply_wanda(model: nn.Module, config: WandaConfig, data: Tensor | None,
 
 def _sparsegpt_layer(config: SparseGPTConfig) -> LayerFn:
     quant = config.quant()
+    shared: dict[int, tuple[LinearStats, HessianPrep]] = {}   # one factorisation per group (shared input)
 
     def fn(ctx: BlockContext, info: LinearInfo, stats: LinearStats, spec: Spec) -> Tensor | None:
         if spec == 0 and quant is None:
             return None
         n, m = spec if isinstance(spec, tuple) else (0, 0)
+        held = shared.get(id(stats))
+        if held is None or held[0] is not stats:
+            shared.clear()
+            held = (stats, prepare_hessian(stats.hessian, config.damp))
+            shared[id(stats)] = held
         res = sparsegpt_prune(info.weight(), stats.hessian, sparsity=None if n else spec, prune_n=n,
-                              prune_m=m, block_size=config.block_size, damp=config.damp, quant=quant)
+                              prune_m=m, block_size=config.block_size, damp=config.damp, quant=quant,
+                              prep=held[1])
         if quant is None:
             info.set_weight(res.weight)
         else:
@@ -270,12 +278,13 @@ def _sparsegpt_layer(config: SparseGPTConfig) -> LayerFn:
                "needs data")
 def apply_sparsegpt(model: nn.Module, config: SparseGPTConfig, data: Tensor | None,
                     runner: RunnerOptions | None = None) -> dict:
-    """SparseGPT, true-sequential: each group of linears is pruned on the inputs produced by the groups
-    already pruned (and quantized, with bits) before it."""
+    """SparseGPT: one statistics pass per block (as llm-compressor), or with true_sequential each group of
+    linears pruned on the inputs produced by the groups already pruned (and quantized, with bits)."""
     plan = plan_targets(model, config)
     if config.bits is not None:
         _check_quantizable(plan, config)
-    masks, extra = _run(model, data, plan, _sparsegpt_layer(config), {"hessian"}, True, runner, "sparsegpt")
+    masks, extra = _run(model, data, plan, _sparsegpt_layer(config), {"hessian"}, config.true_sequential,
+                        runner, "sparsegpt")
     _finish(model, masks)
     if config.bits is not None:
         extra.update(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)

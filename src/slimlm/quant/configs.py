@@ -77,6 +77,10 @@ class LayerSelection:
     """Which layers a method quantizes (shared by every quantization config)."""
     overrides: str = field(default="", metadata={"help": OVERRIDES_HELP})
     ignore: str = field(default="", metadata={"help": IGNORE_HELP})
+    embed_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the token embeddings and an unquantized (e.g. tied) output layer: float32 keeps them "
+                "as they are (default); bfloat16 halves their memory and runs the output layer ~4x faster on "
+                "CPU, the rest of the model still computing in float32"})
 
     #: bit widths an override may ask for (a method with one width allows only that one)
     ALLOWED_BITS = tuple(range(2, 9))
@@ -84,6 +88,8 @@ class LayerSelection:
     def __post_init__(self) -> None:
         self.ignore = ",".join(split_list(self.ignore or ""))
         self.rules()  # validates
+        if self.embed_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"embed_dtype must be float32 or bfloat16, got {self.embed_dtype!r}")
 
     def rules(self) -> tuple[Rule, ...]:
         return parse_overrides(self.overrides or "", self.ALLOWED_BITS)

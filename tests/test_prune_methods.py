@@ -12,6 +12,8 @@ import torch
 from slimlm import api, models
 from slimlm.calibration import LinearInfo, RunnerOptions, find_blocks, is_linear
 from slimlm.cli import main
+from slimlm.core.gptq import prepare_hessian
+from slimlm.core.sparsegpt import sparsegpt_prune
 from slimlm.errors import ConfigError, SlimlmError
 from slimlm.pruning.methods import (
     MagnitudeConfig,
@@ -21,8 +23,6 @@ from slimlm.pruning.methods import (
     apply_sparsegpt,
     plan_targets,
 )
-from slimlm.core.gptq import prepare_hessian
-from slimlm.core.sparsegpt import sparsegpt_prune
 from slimlm.quant.linear import QuantLinear
 
 from conftest import random_windows, tiny_model

@@ -28,8 +28,8 @@ from ..calibration import (
     is_linear,
     run_layerwise,
 )
-from ..core.prune import global_magnitude_masks, magnitude_mask, wanda_mask
 from ..core.gptq import HessianPrep, prepare_hessian
+from ..core.prune import global_magnitude_masks, magnitude_mask, wanda_mask
 from ..core.sparsegpt import sparsegpt_prune
 from ..errors import ConfigError, SlimlmError
 from ..registry import register

@@ -39,9 +39,13 @@ def measure_eval(model_ref: str, windows: str, speed: bool, reference: str | Non
     model = slimlm.load_model(model_ref)
     load_s = time.perf_counter() - t0
     rss_after_load = M.peak_rss_bytes()
+    with torch.no_grad():          # weights mapped from a file count once touched: one token touches them all
+        model(input_ids=torch.ones(1, 1, dtype=torch.long))
+    rss_ready = M.peak_rss_bytes()
     tok = slimlm.load_tokenizer(model_ref)
     ref = slimlm.load_model(reference) if reference else None
     out = {"model": model_ref, "load_seconds": load_s, "peak_rss_after_load_mb": rss_after_load / 2**20,
+           "peak_rss_ready_mb": rss_ready / 2**20,
            **M.as_dict(M.size(model, models.files_bytes(model_ref)))}
     n = None if windows == "all" else int(windows)
     for key, fname in P.EVAL_TEXTS.items():
@@ -179,12 +183,16 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
         out_dir = str(work / name)
         try:
             comp = _child(["compress-one", family, method, json.dumps(opts), out_dir])
-            ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--speed", "--reference", P.MODEL])
+            # unstructured and N:M sparse weights run as dense ones on CPU: speed is measured where it can change
+            speed = family == "quantize" or method == "structured"
+            ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--reference", P.MODEL]
+                        + (["--speed"] if speed else []))
             row = {"tool": "slimlm", "method": method, "options": opts, **comp, **ev,
-                   "decode_vs_fp32": ev["decode_tokens_per_s"] / fp32["decode_tokens_per_s"],
-                   "prefill_vs_fp32": ev["prefill_tokens_per_s"] / fp32["prefill_tokens_per_s"],
                    "resident_vs_fp32": ev["resident_bytes"] / fp32["resident_bytes"],
                    "file_vs_fp32": comp["file_bytes"] / fp32["disk_bytes"]}
+            if speed:
+                row["decode_vs_fp32"] = ev["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
+                row["prefill_vs_fp32"] = ev["prefill_tokens_per_s"] / fp32["prefill_tokens_per_s"]
         except RuntimeError as e:
             row = {"tool": "slimlm", "method": method, "options": opts, "error": str(e)[-2000:]}
         rows[name] = row
@@ -207,6 +215,41 @@ def suite_baseline(args) -> None:
     print(json.dumps({k: quick[k] for k in quick if k.startswith(("ppl_", "decode", "prefill", "load", "peak"))}, indent=1))
 
 
+def _peer_ppl(row: dict, key: str) -> float | None:
+    for name, v in (row.get("ppl") or {}).items():
+        if key in name.replace("_", ""):
+            return v["ppl"] if isinstance(v, dict) else v
+    return None
+
+
+def table(result_name: str) -> str:
+    """A markdown table of a results file (the README's figures are pasted from it)."""
+    doc = json.loads((P.RESULTS / f"{result_name}.json").read_text())
+    rows = doc["figures"]["rows"]
+    head = ("| case | tool | ppl persuasion | ppl northanger | KL | top-1 | wall s | peak MB | file x | "
+            "resident x | decode x | prefill x |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+
+    def f(v, nd=2):
+        return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+    for name, r in rows.items():
+        if r.get("tool") == "llm-compressor":
+            lines.append(f"| {name.split('__')[0]} | llm-compressor | {f(_peer_ppl(r, 'persuasion'))} | "
+                         f"{f(_peer_ppl(r, 'northanger'))} | - | - | {f(r.get('wall_s'), 1)} | "
+                         f"{f(r.get('peak_rss_mb'), 0)} | - | - | - | - |" if "error" not in r else
+                         f"| {name.split('__')[0]} | llm-compressor | error: {r['error'][:80]} |")
+            continue
+        if "error" in r:
+            lines.append(f"| {name} | slimlm | error (see the json) |")
+            continue
+        lines.append(f"| {name} | {r.get('tool')} | {f(r.get('ppl_persuasion'))} | {f(r.get('ppl_northangerabbey'))} | "
+                     f"{f(r.get('kl_persuasion'), 3)} | {f(r.get('top1_persuasion'), 3)} | {f(r.get('wall_s'), 1)} | "
+                     f"{f(r.get('peak_rss_mb'), 0)} | {f(r.get('file_vs_fp32'), 3)} | {f(r.get('resident_vs_fp32'), 3)} | "
+                     f"{f(r.get('decode_vs_fp32'))} | {f(r.get('prefill_vs_fp32'))} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -217,6 +260,8 @@ def main() -> None:
         sp.add_argument("--only", default="", help="comma-separated case names")
         sp.add_argument("--no-peer", action="store_true", help="skip the llm-compressor rows")
         sp.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")
+    t = sub.add_parser("table", help="print a results file as a markdown table")
+    t.add_argument("result", help="quantization or pruning")
     c = sub.add_parser("compress-one", help="(internal) one compression in this process")
     c.add_argument("family")
     c.add_argument("method")
@@ -236,6 +281,8 @@ def main() -> None:
         suite_baseline(args)
     elif args.cmd == "quant":
         suite_compress(args, "quantize", QUANT_CASES, "quantization")
+    elif args.cmd == "table":
+        print(table(args.result))
     elif args.cmd == "prune":
         suite_compress(args, "prune", PRUNE_CASES, "pruning")
 

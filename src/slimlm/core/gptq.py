@@ -73,10 +73,12 @@ def prepare_hessian(H: Tensor, damp: float = 0.01, *, act_order: bool = False) -
     eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
     requested = damp
     for _ in range(_MAX_DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag) * eye)
+        # U (upper) with H^-1 = U^T U from ONE factorisation: with J the reversal permutation and
+        # J H J = L L^T, H^-1 = J L^-T L^-1 J = U^T U for U = J L^-1 J, which is upper triangular.
+        L, info = torch.linalg.cholesky_ex((H + (damp * mean_diag) * eye).flip(0, 1))
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(U).all()):
                 if damp != requested:
                     log.warning("Hessian not positive definite with damp=%g; used damp=%g", requested, damp)
                 return HessianPrep(U.float(), dead, perm, damp)

@@ -189,7 +189,7 @@ class SparseGPTConfig(PruneConfig):
     symmetric: bool = field(default=False, metadata={"help": "with bits: symmetric grid (zero point 2^(b-1)); default false"})
     true_sequential: bool = field(default=False, metadata={
         "help": "prune the layers of a block in order, each on the outputs of the layers already pruned (q/k/v, "
-                "o, gate/up, down); about a third more time; default false (one statistics pass per block)"})
+                "o, gate/up, down); GPTQ measured about a third more time that way; default false (one statistics pass per block)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,12 +27,15 @@ def choose_qparams(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tenso
     Returns (scale (R, 1) fp32, zero (R, 1) fp32 holding integers).
     """
     w = w.float()
+    return range_qparams(w.amin(dim=1, keepdim=True).clamp(max=0), w.amax(dim=1, keepdim=True).clamp(min=0),
+                         bits, symmetric)
+
+
+def range_qparams(wmin: Tensor, wmax: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point mapping the range [wmin <= 0, wmax >= 0] (any matching shapes) onto the grid."""
     maxq = max_code(bits)
-    wmin = w.amin(dim=1, keepdim=True).clamp(max=0)
-    wmax = w.amax(dim=1, keepdim=True).clamp(min=0)
     if symmetric:
-        absmax = torch.maximum(wmin.abs(), wmax)
-        scale = absmax / (maxq / 2)
+        scale = torch.maximum(wmin.abs(), wmax) / (maxq / 2)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
@@ -109,7 +112,6 @@ def search_group_qparams(W: Tensor, bits: int, symmetric: bool, group_size: int,
     Wg = W.reshape(out_f * G, gs)
     c = torch.ones(in_f, device=W.device) if col_weight is None else col_weight.float().to(W.device)
     cg = c.reshape(G, gs).repeat(out_f, 1)                                  # (out*G, gs), matches Wg rows
-    maxq = max_code(bits)
     wmin = Wg.amin(dim=1, keepdim=True).clamp(max=0)
     wmax = Wg.amax(dim=1, keepdim=True).clamp(min=0)
     best_err = torch.full((Wg.shape[0], 1), float("inf"), device=W.device)
@@ -117,15 +119,7 @@ def search_group_qparams(W: Tensor, bits: int, symmetric: bool, group_size: int,
     best_z = torch.zeros_like(best_err)
     for k in range(grid + 1):
         p = 1.0 - k * max_shrink / grid
-        lo, hi = wmin * p, wmax * p
-        if symmetric:
-            s = torch.maximum(lo.abs(), hi) / (maxq / 2)
-            s = torch.where(s == 0, torch.ones_like(s), s)
-            z = torch.full_like(s, float((maxq + 1) // 2))
-        else:
-            s = (hi - lo) / maxq
-            s = torch.where(s == 0, torch.ones_like(s), s)
-            z = torch.round(-lo / s).clamp(0, maxq)
+        s, z = range_qparams(wmin * p, wmax * p, bits, symmetric)
         err = ((Wg - fake_quantize(Wg, s, z, bits)).pow(2) * cg).sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

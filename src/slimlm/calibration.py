@@ -91,10 +91,8 @@ class LinearStats:
     abs_sum: Tensor | None = None   # (in,) fp32: sum_t |x_t|   (AWQ's activation magnitude * n)
     inputs: Tensor | None = None    # (k, in) a subsample of input rows, in the forward dtype
     _rows: list = field(default_factory=list, repr=False)
-    _fast_hessian: bool = field(default=False, repr=False)
 
     def add(self, x: Tensor, needs: frozenset, fast: bool, keep_rows: int) -> None:
-        self._fast_hessian = fast
         # Hooks run inside the bf16 autocast of the forward pass; the statistics must not.
         with torch.autocast(device_type=x.device.type, enabled=False):
             self._add(x, needs, fast, keep_rows)
@@ -127,8 +125,7 @@ class LinearStats:
 
     def finalize(self) -> None:
         if self.hessian is not None and self.nsamples:
-            if not self._fast_hessian:
-                mirror_upper_(self.hessian)
+            mirror_upper_(self.hessian)   # the fp32 path fills the upper triangle only
             self.hessian.mul_(2.0 / self.nsamples)
         if self._rows:
             self.inputs = torch.cat(self._rows)

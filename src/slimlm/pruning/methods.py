@@ -28,7 +28,7 @@ from ..calibration import (
     is_linear,
     run_layerwise,
 )
-from ..core.gptq import HessianPrep, prepare_hessian
+from ..core.gptq import prepare_hessian
 from ..core.prune import global_magnitude_masks, magnitude_mask, wanda_mask
 from ..core.sparsegpt import sparsegpt_prune
 from ..errors import ConfigError, SlimlmError
@@ -248,20 +248,17 @@ def apply_wanda(model: nn.Module, config: WandaConfig, data: Tensor | None,
 
 def _sparsegpt_layer(config: SparseGPTConfig) -> LayerFn:
     quant = config.quant()
-    shared: dict[int, tuple[LinearStats, HessianPrep]] = {}   # one factorisation per group (shared input)
+    last: list = [None, None]   # (stats, its factorisation): layers sharing an input share one
 
     def fn(ctx: BlockContext, info: LinearInfo, stats: LinearStats, spec: Spec) -> Tensor | None:
         if spec == 0 and quant is None:
             return None
         n, m = spec if isinstance(spec, tuple) else (0, 0)
-        held = shared.get(id(stats))
-        if held is None or held[0] is not stats:
-            shared.clear()
-            held = (stats, prepare_hessian(stats.hessian, config.damp))
-            shared[id(stats)] = held
+        if last[0] is not stats:
+            last[:] = [stats, prepare_hessian(stats.hessian, config.damp)]
         res = sparsegpt_prune(info.weight(), stats.hessian, sparsity=None if n else spec, prune_n=n,
                               prune_m=m, block_size=config.block_size, damp=config.damp, quant=quant,
-                              prep=held[1])
+                              prep=last[1])
         if quant is None:
             info.set_weight(res.weight)
         else:

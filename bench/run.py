@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,8 @@ def _child(argv: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure_eval(model_ref: str, windows: str, speed: bool, reference: str | None = None) -> dict:
+def measure_eval(model_ref: str, windows: str, speed: bool, reference: str | None = None,
+                 ref_cache: str | None = None) -> dict:
     """In this process: load, perplexity on both texts, optional agreement and speed, peak RSS."""
     import torch
 
@@ -43,7 +45,7 @@ def measure_eval(model_ref: str, windows: str, speed: bool, reference: str | Non
         model(input_ids=torch.ones(1, 1, dtype=torch.long))
     rss_ready = M.peak_rss_bytes()
     tok = slimlm.load_tokenizer(model_ref)
-    ref = slimlm.load_model(reference) if reference else None
+    ref = slimlm.load_model(reference) if reference and not ref_cache else None
     out = {"model": model_ref, "load_seconds": load_s, "peak_rss_after_load_mb": rss_after_load / 2**20,
            "peak_rss_ready_mb": rss_ready / 2**20,
            **M.as_dict(M.size(model, models.files_bytes(model_ref)))}
@@ -51,18 +53,72 @@ def measure_eval(model_ref: str, windows: str, speed: bool, reference: str | Non
     for key, fname in P.EVAL_TEXTS.items():
         ids = D.tokenize(tok, D.load_text(P.corpus(fname)))
         win = D.eval_windows(ids, P.SEQLEN, n)
-        r = M.perplexity(model, win, progress=False)
+        if ref_cache:
+            meta = json.loads((Path(ref_cache) / "reference.json").read_text())[key]
+            ref = M.ReferenceLogprobs(meta["path"], meta["shape"])
+        r = M.score(model, win, ref, progress=False)
         out[f"ppl_{key}"] = r["perplexity"]
         out[f"tokens_{key}"] = r["tokens"]
         if ref is not None:
-            a = M.agreement(model, ref, win, progress=False)
-            out[f"kl_{key}"] = a["kl_divergence"]
-            out[f"top1_{key}"] = a["top1_agreement"]
+            out[f"kl_{key}"] = r["kl_divergence"]
+            out[f"top1_{key}"] = r["top1_agreement"]
     if speed:
         ids = D.tokenize(tok, D.load_text(P.corpus(P.EVAL_TEXTS["persuasion"])))
         out.update(M.speed(model, ids[:128], new_tokens=64, runs=5))
     out["peak_rss_mb"] = M.peak_rss_bytes() / 2**20
     return out
+
+
+def write_reference(model_ref: str, windows: str, work: str) -> dict:
+    """The reference's log-probabilities on the evaluation windows, written once per suite run (fp32, raw),
+    so that each case's agreement needs no second model: the same numbers, one forward instead of two."""
+    import torch
+
+    import slimlm
+    from slimlm import data as D
+    from slimlm import metrics as M
+
+    torch.set_num_threads(P.THREADS)
+    model = slimlm.load_model(model_ref)
+    tok = slimlm.load_tokenizer(model_ref)
+    n = None if windows == "all" else int(windows)
+    meta = {}
+    for key, fname in P.EVAL_TEXTS.items():
+        win = D.eval_windows(D.tokenize(tok, D.load_text(P.corpus(fname))), P.SEQLEN, n)
+        cache = M.ReferenceLogprobs.write(model, win, Path(work) / f"reference-{key}.f32", progress=False)
+        meta[key] = {"path": cache.path, "shape": list(cache.shape)}
+    (Path(work) / "reference.json").write_text(json.dumps(meta))
+    return meta
+
+
+def measure_speed_pair(model_ref: str, reference: str, runs: int) -> dict:
+    """Decode and prefill tokens/s of a model and of the reference, measured in alternation in one process
+    (reference, model, reference, model, ...): machine noise then hits both alike. Medians over `runs`."""
+    import statistics
+
+    import torch
+
+    import slimlm
+    from slimlm import data as D
+    from slimlm import metrics as M
+
+    torch.set_num_threads(P.THREADS)
+    models_ = {"model": slimlm.load_model(model_ref), "reference": slimlm.load_model(reference)}
+    tok = slimlm.load_tokenizer(reference)
+    prompt = D.tokenize(tok, D.load_text(P.corpus(P.EVAL_TEXTS["persuasion"])))[:128]
+    got = {k: {"decode": [], "prefill": []} for k in models_}
+    for _ in range(runs):
+        for k, m in models_.items():
+            r = M.speed(m, prompt, new_tokens=64, runs=1)
+            got[k]["decode"].append(r["decode_tokens_per_s"])
+            got[k]["prefill"].append(r["prefill_tokens_per_s"])
+    med = {k: {f: statistics.median(v) for f, v in d.items()} for k, d in got.items()}
+    return {"decode_tokens_per_s": med["model"]["decode"], "prefill_tokens_per_s": med["model"]["prefill"],
+            "reference_decode_tokens_per_s": med["reference"]["decode"],
+            "reference_prefill_tokens_per_s": med["reference"]["prefill"],
+            "decode_vs_fp32": med["model"]["decode"] / med["reference"]["decode"],
+            "prefill_vs_fp32": med["model"]["prefill"] / med["reference"]["prefill"],
+            "speed_runs": runs, "prompt_tokens": int(prompt.shape[0]), "new_tokens": 64}
 
 
 def measure_compress(family: str, method: str, options: dict, out_dir: str) -> dict:
@@ -175,8 +231,17 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="slimlm-bench-"))
     path = P.RESULTS / f"{result_name}.json"
     rows = json.loads(path.read_text())["figures"]["rows"] if path.is_file() and not args.fresh else {}
+    try:
+        _run_cases(args, family, cases, result_name, selected, work, rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {path}")
+
+
+def _run_cases(args, family: str, cases: dict, result_name: str, selected: list, work: Path, rows: dict) -> None:
     fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
     rows["fp32"] = {"tool": "reference", **fp32}
+    _child(["reference-one", P.MODEL, str(P.QUICK_WINDOWS), str(work)])
     for name in selected:
         method, opts, peer_method, peer_opts = cases[name]
         print(f"[{name}] slimlm {method} {opts}", flush=True)
@@ -185,16 +250,15 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
             comp = _child(["compress-one", family, method, json.dumps(opts), out_dir])
             # unstructured and N:M sparse weights run as dense ones on CPU: speed is measured where it can change
             speed = family == "quantize" or method == "structured"
-            ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--reference", P.MODEL]
-                        + (["--speed"] if speed else []))
+            ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--reference", P.MODEL, "--ref-cache", str(work)])
             row = {"tool": "slimlm", "method": method, "options": opts, **comp, **ev,
                    "resident_vs_fp32": ev["resident_bytes"] / fp32["resident_bytes"],
                    "file_vs_fp32": comp["file_bytes"] / fp32["disk_bytes"]}
             if speed:
-                row["decode_vs_fp32"] = ev["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
-                row["prefill_vs_fp32"] = ev["prefill_tokens_per_s"] / fp32["prefill_tokens_per_s"]
+                row.update(_child(["speed-pair", out_dir, P.MODEL, str(args.speed_runs)]))
         except RuntimeError as e:
             row = {"tool": "slimlm", "method": method, "options": opts, "error": str(e)[-2000:]}
+        shutil.rmtree(out_dir, ignore_errors=True)
         rows[name] = row
         if peer_method and not args.no_peer:
             print(f"[{name}] llm-compressor {peer_method} {peer_opts}", flush=True)
@@ -203,7 +267,6 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
             if "wall_s" in peer and "wall_s" in row:
                 row["wall_vs_llmcompressor"] = row["wall_s"] / peer["wall_s"]
         P.write_result(result_name, {"cases": selected}, {"rows": rows})
-    print(f"wrote {path}")
 
 
 def suite_baseline(args) -> None:
@@ -260,6 +323,8 @@ def main() -> None:
         sp.add_argument("--only", default="", help="comma-separated case names")
         sp.add_argument("--no-peer", action="store_true", help="skip the llm-compressor rows")
         sp.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")
+        sp.add_argument("--speed-runs", type=int, default=9,
+                        help="alternating model/fp32 runs behind each speed ratio (median)")
     t = sub.add_parser("table", help="print a results file as a markdown table")
     t.add_argument("result", help="quantization or pruning")
     c = sub.add_parser("compress-one", help="(internal) one compression in this process")
@@ -272,9 +337,22 @@ def main() -> None:
     one.add_argument("windows")
     one.add_argument("--speed", action="store_true")
     one.add_argument("--reference")
+    one.add_argument("--ref-cache", help="folder holding the reference's log-probabilities (reference-one)")
+    rc = sub.add_parser("reference-one", help="(internal) write the reference's log-probabilities")
+    rc.add_argument("model")
+    rc.add_argument("windows")
+    rc.add_argument("work")
+    sp1 = sub.add_parser("speed-pair", help="(internal) a model's speed against the reference's, alternating")
+    sp1.add_argument("model")
+    sp1.add_argument("reference")
+    sp1.add_argument("runs", type=int)
     args = ap.parse_args()
     if args.cmd == "eval-one":
-        print(json.dumps(measure_eval(args.model, args.windows, args.speed, args.reference)))
+        print(json.dumps(measure_eval(args.model, args.windows, args.speed, args.reference, args.ref_cache)))
+    elif args.cmd == "reference-one":
+        print(json.dumps(write_reference(args.model, args.windows, args.work)))
+    elif args.cmd == "speed-pair":
+        print(json.dumps(measure_speed_pair(args.model, args.reference, args.runs)))
     elif args.cmd == "compress-one":
         print(json.dumps(measure_compress(args.family, args.method, json.loads(args.options), args.out_dir)))
     elif args.cmd == "baseline":

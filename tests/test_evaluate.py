@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +28,20 @@ def test_agreement_with_itself_and_with_another_model():
     assert abs(same["kl_divergence"]) < 1e-6 and same["top1_agreement"] == 1.0
     other = E.agreement(a, b, w, progress=False)
     assert other["kl_divergence"] > 0.01 and other["top1_agreement"] < 1.0
+
+
+def test_cached_reference_gives_the_same_agreement_as_the_model(tmp_path):
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    w = random_windows(3, 16)
+    cache = E.ReferenceLogprobs.write(b, w, tmp_path / "ref.f32", progress=False)
+    assert (tmp_path / "ref.f32").stat().st_size == 3 * 15 * cache.shape[2] * 4
+    live = E.score(a, w, b, progress=False)
+    cached = E.score(a, w, cache, progress=False)
+    assert cached == live
+    assert live["perplexity"] == E.perplexity(a, w, progress=False)["perplexity"]
+    short = E.ReferenceLogprobs(cache.path, (4, *cache.shape[1:]))
+    with pytest.raises(ValueError, match="shorter"):
+        short(3)
 
 
 def test_size_counts_parameters_and_bytes():

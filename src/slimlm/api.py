@@ -79,9 +79,7 @@ def evaluate(model: nn.Module, tokenizer, data: str = D.DEFAULT_SOURCE, *, windo
     ids = D.tokenize(tokenizer, D.load_text(data, field=field))
     win = D.eval_windows(ids, seqlen, windows)
     result: dict[str, Any] = {"data": data, "windows": int(win.shape[0]), "seqlen": seqlen}
-    result.update(E.perplexity(model, win, progress=progress))
-    if reference is not None:
-        result.update(E.agreement(model, reference, win, progress=progress))
+    result.update(E.score(model, win, reference, progress=progress))
     result.update(E.as_dict(E.size(model, disk_bytes)))
     if speed:
         result.update(E.speed(model, ids[:128]))

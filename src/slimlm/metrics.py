@@ -23,34 +23,80 @@ def _logits(model: nn.Module, ids: Tensor) -> Tensor:
     return (out.logits if hasattr(out, "logits") else out[0]).float()
 
 
+class ReferenceLogprobs:
+    """A reference model's next-token log-probabilities on fixed windows, kept in a raw float32 file.
+
+    `agreement` against many candidates on the same windows (a benchmark suite) then runs the reference
+    once instead of once per candidate. The file is read window by window with plain reads, not memory-
+    mapped, so the reader's resident set does not grow by the file's size.
+    """
+
+    def __init__(self, path, shape: tuple[int, int, int]):
+        self.path, self.shape = str(path), tuple(shape)   # (windows, positions, vocabulary)
+
+    @classmethod
+    @torch.no_grad()
+    def write(cls, reference: nn.Module, windows: Tensor, path, *, progress: bool = True) -> ReferenceLogprobs:
+        from tqdm.auto import tqdm
+
+        shape = None
+        with open(path, "wb") as f:
+            for w in tqdm(windows, desc="reference", disable=not progress, leave=False):
+                lq = F.log_softmax(_logits(reference, w[None])[0, :-1], -1).contiguous()
+                shape = shape or (windows.shape[0], *lq.shape)
+                f.write(lq.numpy().tobytes())
+        return cls(path, shape)
+
+    def __call__(self, i: int) -> Tensor:
+        import numpy as np
+
+        per = self.shape[1] * self.shape[2]
+        with open(self.path, "rb") as f:
+            f.seek(i * per * 4)
+            a = np.fromfile(f, dtype=np.float32, count=per)
+        if a.size != per:
+            raise ValueError(f"{self.path} is shorter than its {self.shape} log-probabilities")
+        return torch.from_numpy(a).view(self.shape[1], self.shape[2])
+
+
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: Tensor, *, progress: bool = True) -> dict:
-    """exp(mean next-token NLL) over `windows` (k, L); returns ppl, nll_sum and the scored token count."""
+def score(model: nn.Module, windows: Tensor, reference: nn.Module | ReferenceLogprobs | None = None, *,
+          progress: bool = True) -> dict:
+    """Perplexity and, given a reference (a model or its cached log-probabilities on the same windows),
+    the mean KL(P_ref || P_model) and top-1 agreement per predicted token, from one forward per window."""
     from tqdm.auto import tqdm
 
-    nll, count = 0.0, 0
-    for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    for i, w in enumerate(tqdm(windows, desc="evaluate", disable=not progress, leave=False)):
         ids = w[None]
         logits = _logits(model, ids)[0, :-1]
         nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        if reference is not None:
+            lp = F.log_softmax(logits, -1)
+            del logits
+            if isinstance(reference, ReferenceLogprobs):
+                lq = reference(i)
+            else:
+                lq = F.log_softmax(_logits(reference, ids)[0, :-1], -1)
+            kl += F.kl_div(lp, lq, log_target=True, reduction="sum").item()
+            agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
         count += ids.shape[1] - 1
-    return {"perplexity": math.exp(nll / count), "nll_sum": nll, "tokens": count}
+    out = {"perplexity": math.exp(nll / count), "nll_sum": nll, "tokens": count}
+    if reference is not None:
+        out.update(kl_divergence=kl / count, top1_agreement=agree / count)
+    return out
 
 
-@torch.no_grad()
-def agreement(model: nn.Module, reference: nn.Module, windows: Tensor, *, progress: bool = True) -> dict:
+def perplexity(model: nn.Module, windows: Tensor, *, progress: bool = True) -> dict:
+    """exp(mean next-token NLL) over `windows` (k, L); returns ppl, nll_sum and the scored token count."""
+    return score(model, windows, progress=progress)
+
+
+def agreement(model: nn.Module, reference: nn.Module | ReferenceLogprobs, windows: Tensor, *,
+              progress: bool = True) -> dict:
     """Mean KL(P_ref || P_model) of the next-token distributions and top-1 agreement, per predicted token."""
-    from tqdm.auto import tqdm
-
-    kl, agree, count = 0.0, 0, 0
-    for w in tqdm(windows, desc="agreement", disable=not progress, leave=False):
-        ids = w[None]
-        lp = F.log_softmax(_logits(model, ids)[0, :-1], -1)
-        lq = F.log_softmax(_logits(reference, ids)[0, :-1], -1)
-        kl += F.kl_div(lp, lq, log_target=True, reduction="sum").item()
-        agree += (lp.argmax(-1) == lq.argmax(-1)).sum().item()
-        count += lp.shape[0]
-    return {"kl_divergence": kl / count, "top1_agreement": agree / count, "tokens": count}
+    r = score(model, windows, reference, progress=progress)
+    return {k: r[k] for k in ("kl_divergence", "top1_agreement", "tokens")}
 
 
 def _packed_numel(m: nn.Module) -> int | None:

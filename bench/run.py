@@ -239,8 +239,9 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
 
 
 def _run_cases(args, family: str, cases: dict, result_name: str, selected: list, work: Path, rows: dict) -> None:
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")   # rows measured in one invocation share this
     fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
-    rows["fp32"] = {"tool": "reference", **fp32}
+    rows["fp32"] = {"tool": "reference", "run": run, **fp32}
     _child(["reference-one", P.MODEL, str(P.QUICK_WINDOWS), str(work)])
     for name in selected:
         method, opts, peer_method, peer_opts = cases[name]
@@ -251,7 +252,7 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
             # unstructured and N:M sparse weights run as dense ones on CPU: speed is measured where it can change
             speed = family == "quantize" or method == "structured"
             ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--reference", P.MODEL, "--ref-cache", str(work)])
-            row = {"tool": "slimlm", "method": method, "options": opts, **comp, **ev,
+            row = {"tool": "slimlm", "run": run, "method": method, "options": opts, **comp, **ev,
                    "resident_vs_fp32": ev["resident_bytes"] / fp32["resident_bytes"],
                    "file_vs_fp32": comp["file_bytes"] / fp32["disk_bytes"]}
             if speed:
@@ -260,10 +261,10 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
             row = {"tool": "slimlm", "method": method, "options": opts, "error": str(e)[-2000:]}
         shutil.rmtree(out_dir, ignore_errors=True)
         rows[name] = row
-        if peer_method and not args.no_peer:
+        if peer_method and not args.no_peer and (args.peers is None or name in args.peers.split(",")):
             print(f"[{name}] llm-compressor {peer_method} {peer_opts}", flush=True)
             peer = _peer(peer_method, peer_opts, work)
-            rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", **peer}
+            rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", "run": run, **peer}
             if "wall_s" in peer and "wall_s" in row:
                 row["wall_vs_llmcompressor"] = row["wall_s"] / peer["wall_s"]
         P.write_result(result_name, {"cases": selected}, {"rows": rows})
@@ -322,6 +323,8 @@ def main() -> None:
     for sp in (q, pr):
         sp.add_argument("--only", default="", help="comma-separated case names")
         sp.add_argument("--no-peer", action="store_true", help="skip the llm-compressor rows")
+        sp.add_argument("--peers", default=None, help="comma-separated cases whose llm-compressor rows run "
+                        "(default: every case that has one); an earlier run's peer rows stay in the file")
         sp.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")
         sp.add_argument("--speed-runs", type=int, default=9,
                         help="alternating model/fp32 runs behind each speed ratio (median)")

@@ -143,9 +143,7 @@ def measure_compress(family: str, method: str, options: dict, out_dir: str) -> d
     for fam, meth, opts in stages:
         m = registry.get(fam, meth)
         config = build_config(m.config_cls, opts, meth)
-        # structured pruning takes data only for its activation and taylor scores
-        uses_data = m.needs_data or getattr(config, "importance", "magnitude") != "magnitude"
-        report = getattr(api, fam)(model, config, data=windows if uses_data else None)
+        report = getattr(api, fam)(model, config, data=windows if m.data_needed(config) else None)
     wall = time.perf_counter() - t0
     peak = M.peak_rss_bytes()
     with io.atomic_dir(out_dir, overwrite=True) as tmp:
@@ -291,7 +289,7 @@ def table(result_name: str) -> str:
     doc = json.loads((P.RESULTS / f"{result_name}.json").read_text())
     rows = doc["figures"]["rows"]
     head = ("| case | tool | ppl persuasion | ppl northanger | KL | top-1 | wall s | peak MB | file x | "
-            "resident x | decode x | prefill x |")
+            "resident x | ready MB | decode x | prefill x | run |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
 
     def f(v, nd=2):
@@ -301,7 +299,7 @@ def table(result_name: str) -> str:
         if r.get("tool") == "llm-compressor":
             lines.append(f"| {name.split('__')[0]} | llm-compressor | {f(_peer_ppl(r, 'persuasion'))} | "
                          f"{f(_peer_ppl(r, 'northanger'))} | - | - | {f(r.get('wall_s'), 1)} | "
-                         f"{f(r.get('peak_rss_mb'), 0)} | - | - | - | - |" if "error" not in r else
+                         f"{f(r.get('peak_rss_mb'), 0)} | - | - | - | - | - | {r.get('run', '-')} |" if "error" not in r else
                          f"| {name.split('__')[0]} | llm-compressor | error: {r['error'][:80]} |")
             continue
         if "error" in r:
@@ -310,7 +308,8 @@ def table(result_name: str) -> str:
         lines.append(f"| {name} | {r.get('tool')} | {f(r.get('ppl_persuasion'))} | {f(r.get('ppl_northangerabbey'))} | "
                      f"{f(r.get('kl_persuasion'), 3)} | {f(r.get('top1_persuasion'), 3)} | {f(r.get('wall_s'), 1)} | "
                      f"{f(r.get('peak_rss_mb'), 0)} | {f(r.get('file_vs_fp32'), 3)} | {f(r.get('resident_vs_fp32'), 3)} | "
-                     f"{f(r.get('decode_vs_fp32'))} | {f(r.get('prefill_vs_fp32'))} |")
+                     f"{f(r.get('peak_rss_ready_mb'), 0)} | "
+                     f"{f(r.get('decode_vs_fp32'))} | {f(r.get('prefill_vs_fp32'))} | {r.get('run', '-')} |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import torch
 from slimlm.core.awq import (
     awq_clip_search,
     awq_grid_search,
+    awq_range_search,
     awq_scales,
     group_output_error,
     quantize_clipped,
@@ -93,3 +94,32 @@ def test_clip_at_absmax_is_rtn(salient):
     res = quantize_clipped(W, absmax, 4, 32, False)
     codes, scale, _zero = rtn_quantize(W, 4, False, 32)
     assert torch.equal(res.codes, codes) and torch.equal(res.scale, scale)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(3, -1, False), (3, 32, False), (4, 32, True)])
+def test_range_search_never_worse_than_min_max(salient, bits, group_size, symmetric):
+    W, X = salient
+    G = 1 if group_size < 0 else 128 // group_size
+    Xg = X.reshape(256, G, -1).transpose(0, 1)
+    gram = Xg.transpose(1, 2) @ Xg / 256
+    res = awq_range_search(W, X, bits, group_size, symmetric)
+    assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= max_code(bits)
+    searched = group_output_error(W, res.dequantize(), gram, group_size)
+    plain = group_output_error(W, rtn(W, bits, group_size, symmetric), gram, group_size)
+    assert torch.all(searched <= plain) and searched.sum() < plain.sum()
+    no_shrink = awq_range_search(W, X, bits, group_size, symmetric, max_shrink=0.0)
+    codes, scale, _zero = rtn_quantize(W, bits, symmetric, group_size)
+    assert torch.equal(no_shrink.codes, codes) and torch.allclose(no_shrink.scale, scale)
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, 32), (2, 32), (3, -1)])
+def test_range_search_never_worse_than_the_symmetric_clamp(salient, bits, group_size):
+    W, X = salient
+    W = W + 0.8 * W.abs()                    # lopsided groups: more room above zero than below
+    G = 1 if group_size < 0 else 128 // group_size
+    Xg = X.reshape(256, G, -1).transpose(0, 1)
+    gram = Xg.transpose(1, 2) @ Xg / 256
+    ranged = group_output_error(W, awq_range_search(W, X, bits, group_size, False).dequantize(), gram, group_size)
+    clamp = quantize_clipped(W, awq_clip_search(W, X, bits, group_size, False), bits, group_size, False)
+    clamped = group_output_error(W, clamp.dequantize(), gram, group_size)
+    assert torch.all(ranged <= clamped * (1 + 1e-5)) and ranged.sum() < clamped.sum()

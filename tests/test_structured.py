@@ -223,3 +223,17 @@ def test_api_and_load_model_round_trip(tmp_path):
     x = random_windows(2, 10, seed=5)
     with torch.no_grad():
         assert torch.equal(back(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_registry_says_which_scores_need_data():
+    import slimlm
+    from slimlm import registry
+
+    method = registry.get("prune", "structured")
+    assert not method.data_needed(StructuredConfig(ratio=0.2, importance="magnitude"))
+    assert method.data_needed(StructuredConfig(ratio=0.2, importance="taylor"))
+    assert method.data_needed(StructuredConfig(ratio=0.2, importance="activation"))
+    model = tiny_model("llama")
+    with pytest.raises(SlimlmError, match="needs calibration data"):
+        slimlm.prune(model, StructuredConfig(ratio=0.2, importance="taylor"))
+    slimlm.prune(model, StructuredConfig(ratio=0.2, importance="magnitude"))   # no data, no error

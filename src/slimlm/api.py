@@ -39,7 +39,7 @@ def _method_for(family: str, config: Any) -> registry.Method:
 def _apply(family: str, model: nn.Module, config: Any, data: Tensor | None,
            runner: RunnerOptions | None) -> dict:
     method = _method_for(family, config)
-    if method.needs_data and data is None:
+    if method.data_needed(config) and data is None:
         raise SlimlmError(f"{method.name} needs calibration data: pass data=calibration_data(tokenizer, ...) "
                           "(CLI: --data SOURCE)")
     check_finite(model)

@@ -224,7 +224,7 @@ def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
     method = registry.get(family, kw["method"])
     values = {f: kw.get(f) for f in field_names if f not in ("seqlen",)}
     config = build_config(method.config_cls, {k: v for k, v in values.items() if k in kw}, method.name)
-    if method.needs_data and not kw["data"]:
+    if method.data_needed(config) and not kw["data"]:
         raise SlimlmError(f"{method.name} needs calibration data: add --data SOURCE (e.g. --data python-docs)")
     model = models.load_model(kw["model_ref"], trust_remote_code=kw["trust_remote_code"])
     tok = models.load_tokenizer(kw["model_ref"], trust_remote_code=kw["trust_remote_code"])

@@ -27,15 +27,20 @@ class Method:
     name: str
     config_cls: type
     apply: Callable[..., Any]
-    needs_data: bool
+    needs_data: bool | Callable[[Any], bool]   # or a function of the config (structured: by its score)
     help: str
+
+    def data_needed(self, config: Any) -> bool:
+        """Whether this configuration of the method needs calibration data."""
+        return bool(self.needs_data(config) if callable(self.needs_data) else self.needs_data)
 
 
 _REGISTRY: dict[str, dict[str, Method]] = {f: {} for f in FAMILIES}
 _loaded: set[str] = set()
 
 
-def register(family: str, name: str, config_cls: type, *, needs_data: bool = False, help: str = ""):
+def register(family: str, name: str, config_cls: type, *, needs_data: bool | Callable[[Any], bool] = False,
+             help: str = ""):
     """Decorator registering `apply(model, config, data)` as method `name` of `family`."""
     if family not in _REGISTRY:
         raise ValueError(f"unknown family {family!r}")

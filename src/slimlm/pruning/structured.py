@@ -443,7 +443,7 @@ def prune_structured(model: nn.Module, config: StructuredConfig, data=None, batc
             "uniform": not getattr(cfg, "slimlm_structured", None)}
 
 
-@register("prune", "structured", StructuredConfig, needs_data=False,
+@register("prune", "structured", StructuredConfig, needs_data=lambda c: c.importance != "magnitude",
           help="remove whole KV head groups, MLP channels and layers (LLM-Pruner)")
 def apply(model: nn.Module, config: StructuredConfig, data=None, runner=None) -> dict:
     return prune_structured(model, config, data, batch_size=getattr(runner, "batch_size", 8))

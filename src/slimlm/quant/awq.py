@@ -13,8 +13,8 @@ For each group of layers sharing an input x (q/k/v; o; gate/up; down):
    A candidate is accepted only if folding random scales into it, and their inverse into the group's
    weights, leaves the block's output unchanged (relative error below 1e-3 in fp32): this catches
    non-linear activations, norms feeding other layers too, and norm variants;
-3. per group of weights, the clipping range minimising the output error (core.awq.awq_clip_search), then
-   round-to-nearest of W diag(s) on that range.
+3. per group of weights, the clipping range minimising the output error (core.awq.awq_range_search: the
+   group's [min, max] shrunk towards zero), then round-to-nearest of W diag(s) on that range.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.calibration import BlockContext, LinearInfo, LinearStats, RunnerOptions, is_linear, run_layerwise
-from slimlm.core.awq import awq_clip_search, awq_grid_search, quantize_clipped, scaled_fake_quantize
+from slimlm.core.awq import awq_grid_search, awq_range_search, quantize_clipped, scaled_fake_quantize
 from slimlm.core.quant import QuantResult
 from slimlm.errors import ConfigError
 from slimlm.quant.configs import AWQConfig
@@ -235,10 +235,9 @@ class AWQProcessor:
         """Clipping search (when enabled) and round-to-nearest of the scaled weight W diag(s)."""
         sym = self.config.symmetric
         if self.config.clip:
-            max_abs = awq_clip_search(Ws, Xs, t.bits, t.group_size, sym)
-        else:
-            g = t.group_size if t.group_size > 0 else Ws.shape[1]
-            max_abs = Ws.abs().reshape(Ws.shape[0], -1, g).amax(-1)                # no clipping
+            return awq_range_search(Ws, Xs, t.bits, t.group_size, sym)
+        g = t.group_size if t.group_size > 0 else Ws.shape[1]
+        max_abs = Ws.abs().reshape(Ws.shape[0], -1, g).amax(-1)                    # no clipping
         return quantize_clipped(Ws, max_abs, t.bits, t.group_size, sym)
 
     def _fold_into_producer(self, ctx: BlockContext, rel: str, s: Tensor) -> None:

@@ -250,6 +250,8 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
             # unstructured and N:M sparse weights run as dense ones on CPU: speed is measured where it can change
             speed = family == "quantize" or method == "structured"
             ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--reference", P.MODEL, "--ref-cache", str(work)])
+            # the evaluating process's own peak is not the compression's: keep both, under different names
+            ev["eval_peak_rss_mb"] = ev.pop("peak_rss_mb")
             row = {"tool": "slimlm", "run": run, "method": method, "options": opts, **comp, **ev,
                    "resident_vs_fp32": ev["resident_bytes"] / fp32["resident_bytes"],
                    "file_vs_fp32": comp["file_bytes"] / fp32["disk_bytes"]}
@@ -299,7 +301,7 @@ def table(result_name: str) -> str:
         if r.get("tool") == "llm-compressor":
             lines.append(f"| {name.split('__')[0]} | llm-compressor | {f(_peer_ppl(r, 'persuasion'))} | "
                          f"{f(_peer_ppl(r, 'northanger'))} | - | - | {f(r.get('wall_s'), 1)} | "
-                         f"{f(r.get('peak_rss_mb'), 0)} | - | - | - | - | - | {r.get('run', '-')} |" if "error" not in r else
+                         f"{f(r.get('peak_rss_mb_after_compress'), 0)} | - | - | - | - | - | {r.get('run', '-')} |" if "error" not in r else
                          f"| {name.split('__')[0]} | llm-compressor | error: {r['error'][:80]} |")
             continue
         if "error" in r:

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from slimlm.core.awq import (
-    awq_clip_search,
     awq_grid_search,
     awq_range_search,
     awq_scales,
@@ -69,25 +68,6 @@ def test_grid_search_picks_minimum():
     assert alpha == pytest.approx(0.3) and len(losses) == 20
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(3, -1, False), (3, 32, False), (4, 32, True)])
-def test_clip_search_never_worse(salient, bits, group_size, symmetric):
-    W, X = salient
-    max_abs = awq_clip_search(W, X, bits, group_size, symmetric)
-    G = 1 if group_size < 0 else 128 // group_size
-    absmax = W.abs().reshape(64, G, -1).amax(-1)
-    assert max_abs.shape == (64, G)
-    assert torch.all(max_abs <= absmax) and torch.all(max_abs >= 0.5 * absmax - 1e-6)
-    res = quantize_clipped(W, max_abs, bits, group_size, symmetric)
-    assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= max_code(bits)
-    Xg = X.reshape(256, G, -1).transpose(0, 1)
-    gram = Xg.transpose(1, 2) @ Xg / 256
-    clipped = group_output_error(W, res.dequantize(), gram, group_size)
-    plain = group_output_error(W, rtn(W, bits, group_size, symmetric), gram, group_size)
-    assert torch.all(clipped <= plain)
-    assert clipped.sum() < plain.sum()  # some group does gain
-    assert output_error(W, res.dequantize(), X) < output_error(W, rtn(W, bits, group_size, symmetric), X)
-
-
 def test_clip_at_absmax_is_rtn(salient):
     W, _ = salient
     absmax = W.abs().reshape(64, 4, 32).amax(-1)
@@ -120,6 +100,9 @@ def test_range_search_never_worse_than_the_symmetric_clamp(salient, bits, group_
     Xg = X.reshape(256, G, -1).transpose(0, 1)
     gram = Xg.transpose(1, 2) @ Xg / 256
     ranged = group_output_error(W, awq_range_search(W, X, bits, group_size, False).dequantize(), gram, group_size)
-    clamp = quantize_clipped(W, awq_clip_search(W, X, bits, group_size, False), bits, group_size, False)
-    clamped = group_output_error(W, clamp.dequantize(), gram, group_size)
+    # the AWQ reference's clipping, by brute force: clamp to +-r max|w| for r = 1, 0.95, ..., 0.5, best per group
+    absmax = W.abs().reshape(64, G, -1).amax(-1)
+    clamped = torch.stack([group_output_error(W, quantize_clipped(W, absmax * (1 - k / 20), bits, group_size,
+                                                                  False).dequantize(), gram, group_size)
+                           for k in range(11)]).amin(0)
     assert torch.all(ranged <= clamped * (1 + 1e-5)) and ranged.sum() < clamped.sum()

@@ -95,37 +95,12 @@ def group_output_error(W: Tensor, W_hat: Tensor, gram: Tensor, group_size: int) 
     return (torch.bmm(E, gram) * E).sum(-1).transpose(0, 1)
 
 
-def awq_clip_search(W: Tensor, X: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int = 20,
-                    max_shrink: float = 0.5) -> Tensor:
-    """Per-group clipping thresholds max_abs (out, G) for W (out, in), given inputs X (n, in).
-
-    For each group the ratio r in {1, 1 - 1/n_grid, ..., 1 - max_shrink} of its max|w| minimising the group's
-    output error mean_t (x_t,g . (w_g - Q(clamp(w_g, +-r max|w_g|))))^2 is kept. r = 1 (no clipping) is
-    tried first and only beaten strictly, so the result is never worse than no clipping on this criterion.
-    """
-    if not 0.0 <= max_shrink < 1.0:
-        raise ConfigError(f"max_shrink must be in [0, 1), got {max_shrink}")
-    Xg = _grouped(X.float(), group_size).transpose(0, 1)  # (G, n, g)
-    gram = torch.bmm(Xg.transpose(1, 2), Xg) / X.shape[0]  # (G, g, g)
-    absmax = _grouped(W.float(), group_size).abs().amax(-1)  # (out, G)
-    best_err = torch.full_like(absmax, math.inf)
-    best = absmax.clone()
-    for k in range(round(max_shrink * n_grid) + 1):
-        cand = absmax * (1 - k / n_grid)
-        W_hat = quantize_clipped(W, cand, bits, group_size, symmetric).dequantize()
-        err = group_output_error(W, W_hat, gram, group_size)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, cand, best)
-    return best
-
-
 def awq_range_search(W: Tensor, X: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int = 20,
                      max_shrink: float = 0.5) -> QuantResult:
     """Clipping as a per-group range search; returns the quantized W (out, in) on the chosen grids.
 
-    Candidates for r in {1, 1 - 1/n_grid, ..., 1 - max_shrink}: the clamp to [-r max|w|, r max|w|] of
-    awq_clip_search (it cuts only the side of the group that reaches beyond r max|w|) and, asymmetric, the
+    Candidates for r in {1, 1 - 1/n_grid, ..., 1 - max_shrink}: the clamp to [-r max|w|, r max|w|] of the
+    AWQ reference (it cuts only the side of the group that reaches beyond r max|w|) and, asymmetric, the
     group's [min, max] scaled by r (both sides cut alike). The candidate of least output error
     mean_t (x_t,g . (w_g - w_hat_g))^2 wins per group, so the result is never worse on that criterion than
     either family, nor than plain min-max (r = 1), which is only beaten strictly.

@@ -14,7 +14,8 @@ For each group of layers sharing an input x (q/k/v; o; gate/up; down):
    weights, leaves the block's output unchanged (relative error below 1e-3 in fp32): this catches
    non-linear activations, norms feeding other layers too, and norm variants;
 3. per group of weights, the clipping range minimising the output error (core.awq.awq_range_search: the
-   group's [min, max] shrunk towards zero), then round-to-nearest of W diag(s) on that range.
+   reference's symmetric clamp or the group's [min, max] shrunk on both sides, whichever is better), then
+   round-to-nearest of W diag(s) on that range.
 """
 from __future__ import annotations
 

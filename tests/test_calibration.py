@@ -114,3 +114,49 @@ def test_hessians_stay_positive_semidefinite_under_bf16_passes():
     for _, names, st in rec.groups:
         ev = torch.linalg.eigvalsh(st.hessian.double())
         assert ev.min() >= -1e-9 * ev.max(), (names, ev.min().item(), ev.max().item())
+
+
+class DtypeRecorder(Recorder):
+    """Records the dtype of the block's linear inputs as the forward computes them."""
+
+    def __init__(self):
+        super().__init__(needs=("sq_sum",), sequential=False)
+        self.dtypes = set()
+
+    def process(self, ctx, group):
+        info = group[0][0]
+        h = info.module.register_forward_hook(lambda m, a, out: self.dtypes.add(out.dtype))
+        try:
+            ctx.forward(batches=[0])
+        finally:
+            h.remove()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_passes_use_bf16_only_where_the_device_has_it(monkeypatch, native):
+    """fast=None (the default) follows the machine: bf16 autocast where bf16 is native, fp32 elsewhere
+    (on an AVX2-only CPU bf16 products are emulated and ~7x slower than fp32)."""
+    import slimlm.hardware as hw
+    from slimlm.calibration import passes_in_bf16
+
+    monkeypatch.setattr(hw, "native_bf16", lambda device="cpu": native)
+    opts = RunnerOptions(progress=False)
+    assert passes_in_bf16(opts) is native
+    assert passes_in_bf16(RunnerOptions(fast=False)) is False
+    assert passes_in_bf16(RunnerOptions(fast=True)) is True
+    rec = DtypeRecorder()
+    run_layerwise(tiny_model("llama"), random_windows(2, 16), rec, opts)
+    assert rec.dtypes == {torch.bfloat16 if native else torch.float32}
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
+    import slimlm.hardware as hw
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    monkeypatch.setattr(hw, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not hw.cpu_has_native_bf16()
+    monkeypatch.setattr(hw, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert hw.cpu_has_native_bf16()
+    monkeypatch.setattr(hw, "_cpu_flags", lambda: frozenset({"fp", "asimd", "bf16"}))   # Arm
+    assert hw.cpu_has_native_bf16()

@@ -11,6 +11,7 @@ from slimlm.core.awq import (
     group_output_error,
     quantize_clipped,
     scaled_fake_quantize,
+    weight_channel_mean,
 )
 from slimlm.core.quant import dequantize_grouped, max_code, rtn_quantize
 
@@ -52,7 +53,8 @@ def test_awq_scaling_beats_rtn(salient, bits, group_size):
         losses_seen.append(loss)
         return loss
 
-    best_s, best_alpha, losses = awq_grid_search(act_abs_mean, loss_fn, n_grid=10)
+    best_s, best_alpha, duo, losses = awq_grid_search(act_abs_mean, loss_fn, n_grid=10)
+    assert not duo
     assert losses == losses_seen and len(losses) == 10
     rtn_loss = output_error(W, rtn(W, bits, group_size), X)
     assert losses[0] == pytest.approx(rtn_loss, rel=1e-5)  # alpha = 0 is plain RTN
@@ -64,8 +66,44 @@ def test_awq_scaling_beats_rtn(salient, bits, group_size):
 def test_grid_search_picks_minimum():
     a = torch.rand(16) + 0.1
     target = awq_scales(a, 0.3)
-    _s, alpha, losses = awq_grid_search(a, lambda s: float(((s - target) ** 2).sum()), n_grid=20)
+    _s, alpha, _duo, losses = awq_grid_search(a, lambda s: float(((s - target) ** 2).sum()), n_grid=20)
     assert alpha == pytest.approx(0.3) and len(losses) == 20
+
+
+def test_weight_channel_mean():
+    W = torch.tensor([[1.0, -2.0, 4.0, 0.0], [3.0, 3.0, -1.0, 1.0]])
+    # groups of 2: row 0 -> [1/2, 2/2, 4/4, 0/4], row 1 -> [3/3, 3/3, 1/1, 1/1]
+    m = weight_channel_mean([W], 2)
+    assert torch.allclose(m, torch.tensor([0.75, 1.0, 1.0, 0.5]))
+    # two layers sharing the input: the mean runs over all their rows
+    m2 = weight_channel_mean([W, W[:1]], 2)
+    assert torch.allclose(m2, (2 * torch.tensor([0.5, 1.0, 1.0, 0.0]) + torch.tensor([1.0, 1.0, 1.0, 1.0])) / 3)
+    assert torch.allclose(weight_channel_mean([W], -1), torch.tensor([1 / 4 + 1, 2 / 4 + 1, 1 + 1 / 3, 1 / 3]) / 2)
+
+
+def test_duo_scales_divide_by_the_weight_term():
+    a, m = torch.rand(8) + 0.1, torch.rand(8) + 0.1
+    for alpha in (0.0, 0.4, 0.9):
+        raw = a.pow(alpha) / (m.pow(1 - alpha) + 1e-4)
+        s = awq_scales(a, alpha, m)
+        assert torch.allclose(s, raw / (raw.max() * raw.min()).sqrt())
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, 32), (2, 64)])
+def test_searching_duo_scales_is_never_worse(salient, bits, group_size):
+    W, X = salient
+    a = X.abs().mean(0)
+
+    def loss_fn(s):
+        return output_error(W, scaled_fake_quantize(W, s, bits, group_size, False), X)
+
+    plain = awq_grid_search(a, loss_fn, n_grid=10)
+    both = awq_grid_search(a, loss_fn, n_grid=10, weight_mean=weight_channel_mean([W], group_size))
+    assert len(both.losses) == 20 and both.losses[:10] == plain.losses
+    assert min(both.losses) <= min(plain.losses)
+    assert loss_fn(both.scales) == pytest.approx(min(both.losses), rel=1e-6)
+    expect = awq_scales(a, both.alpha, weight_channel_mean([W], group_size) if both.duo else None)
+    assert torch.equal(both.scales, expect)
 
 
 def test_clip_at_absmax_is_rtn(salient):

@@ -190,7 +190,8 @@ class Processor(Protocol):
 @dataclass
 class RunnerOptions:
     batch_size: int = 8              # windows per forward pass
-    fast: bool = True                # bf16 autocast forwards (statistics still accumulate in fp32)
+    fast: bool | None = None         # bf16 autocast forwards (statistics still accumulate in fp32); None:
+                                     # where the device multiplies bf16 natively (hardware.native_bf16)
     fast_stats: bool = False         # X^T X products in bf16 too: ~4x faster, but rounding each product to
                                      # bf16 can make H indefinite (GPTQ then needs more damping)
     device: str = "cpu"
@@ -198,8 +199,16 @@ class RunnerOptions:
     progress: bool = True
 
 
+def passes_in_bf16(opts: RunnerOptions) -> bool:
+    """Whether the calibration passes run under bf16 autocast: as asked, or where bf16 is native."""
+    if opts.fast is None:
+        from .hardware import native_bf16
+        return native_bf16(opts.device)
+    return opts.fast
+
+
 def _autocast_factory(opts: RunnerOptions):
-    if not opts.fast:
+    if not passes_in_bf16(opts):
         return contextlib.nullcontext
     dev = torch.device(opts.device).type
     return lambda: torch.autocast(device_type=dev, dtype=torch.bfloat16)
@@ -385,6 +394,7 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
     if cache_flag is not None:
         model.config.use_cache = False
     autocast = _autocast_factory(opts)
+    log.info("calibration passes in %s on %s", "bf16" if passes_in_bf16(opts) else "fp32", opts.device)
     try:
         cap = capture_block_inputs(model, blocks, windows, opts)
         inputs = cap.inputs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,36 +27,65 @@ from .quant import (
 )
 
 
-def awq_scales(act_abs_mean: Tensor, alpha: float) -> Tensor:
-    """Per-input-channel scales s (in,) = a^alpha, floored at 1e-4, divided by sqrt(max(s) * min(s)) so the
-    scales are centred on 1 in log scale (as the reference implementation normalises them). alpha = 0 gives 1.
+def awq_scales(act_abs_mean: Tensor, alpha: float, weight_mean: Tensor | None = None) -> Tensor:
+    """Per-input-channel scales s (in,) = a^alpha, or with `weight_mean` ("duo" scaling, as llm-compressor's
+    AWQ does by default) a^alpha / (m^(1 - alpha) + 1e-4), m = weight_channel_mean of the group's weights:
+    channels with small weights relative to their group's range are scaled up more. Floored at 1e-4, divided
+    by sqrt(max(s) * min(s)) so the scales are centred on 1 in log scale (as the reference normalises them).
+    alpha = 0 without weight_mean gives 1.
     """
-    s = act_abs_mean.detach().float().pow(alpha).clamp(min=1e-4)
+    s = act_abs_mean.detach().float().pow(alpha)
+    if weight_mean is not None:
+        s = s / (weight_mean.float().pow(1 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
 
-def awq_grid_search(act_abs_mean: Tensor, loss_fn: Callable[[Tensor], float],
-                    n_grid: int = 20) -> tuple[Tensor, float, list[float]]:
-    """Search alpha in {0, 1/n, ..., (n-1)/n} minimising loss_fn(awq_scales(act_abs_mean, alpha)).
+def weight_channel_mean(weights: list[Tensor], group_size: int) -> Tensor:
+    """m (in,): mean over every output row of the layers of |w_ij| / max|w| of its quantization group (per
+    channel: of its row), i.e. how much of its group's range each input channel's weights use."""
+    total = None
+    rows = 0
+    for W in weights:
+        g = _grouped(W.detach().float().abs(), group_size)                     # (out, G, g)
+        rel = (g / g.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(W.shape)
+        total = rel.sum(0) if total is None else total + rel.sum(0)
+        rows += W.shape[0]
+    return total / rows
+
+
+class GridResult(NamedTuple):
+    scales: Tensor        # (in,) the best scales
+    alpha: float          # their exponent
+    duo: bool             # whether they are duo scales (divided by the weight term)
+    losses: list[float]   # loss per grid point: plain alphas first, then duo alphas when searched
+
+
+def awq_grid_search(act_abs_mean: Tensor, loss_fn: Callable[[Tensor], float], n_grid: int = 20,
+                    weight_mean: Tensor | None = None) -> GridResult:
+    """Search alpha in {0, 1/n, ..., (n-1)/n} minimising loss_fn(awq_scales(act_abs_mean, alpha)); with
+    `weight_mean` the duo scales awq_scales(act_abs_mean, alpha, weight_mean) are searched too, after them.
 
     loss_fn(s) should return the output error of the layer(s) quantized with W diag(s), e.g.
     ||X W^T - (X / s) Q(W diag(s))^T||^2. alpha = 0 (s = 1, plain RTN) is always tried, so the best loss is
-    never above RTN's. Returns (best_s (in,), best_alpha, losses per alpha).
+    never above RTN's, and searching both families is never worse on loss_fn than either alone.
     """
     if n_grid < 1:
         raise ConfigError(f"n_grid must be >= 1, got {n_grid}")
     losses: list[float] = []
-    best = (math.inf, 0.0, None)
-    for k in range(n_grid):
-        alpha = k / n_grid
-        s = awq_scales(act_abs_mean, alpha)
-        loss = float(loss_fn(s))
-        losses.append(loss)
-        if loss < best[0]:
-            best = (loss, alpha, s)
-    if best[2] is None:
+    best: GridResult | None = None
+    best_loss = math.inf
+    for wm in (None, weight_mean) if weight_mean is not None else (None,):
+        for k in range(n_grid):
+            alpha = k / n_grid
+            s = awq_scales(act_abs_mean, alpha, wm)
+            loss = float(loss_fn(s))
+            losses.append(loss)
+            if loss < best_loss:
+                best_loss, best = loss, GridResult(s, alpha, wm is not None, [])
+    if best is None:
         raise ValueError("loss_fn returned NaN for every alpha; check the calibration activations")
-    return best[2], best[1], losses
+    return best._replace(losses=losses)
 
 
 def scaled_fake_quantize(W: Tensor, s: Tensor, bits: int, group_size: int, symmetric: bool) -> Tensor:

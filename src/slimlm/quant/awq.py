@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.calibration import BlockContext, LinearInfo, LinearStats, RunnerOptions, is_linear, run_layerwise
-from slimlm.core.awq import awq_grid_search, awq_range_search, quantize_clipped, scaled_fake_quantize
+from slimlm.core.awq import (
+    awq_grid_search,
+    awq_range_search,
+    quantize_clipped,
+    scaled_fake_quantize,
+    weight_channel_mean,
+)
 from slimlm.core.quant import QuantResult
 from slimlm.errors import ConfigError
 from slimlm.quant.configs import AWQConfig
@@ -228,9 +234,11 @@ class AWQProcessor:
                 E = W - scaled_fake_quantize(W, s, t.bits, t.group_size, sym)    # (out, in)
                 total += float(((E @ gram) * E).sum())
             return total
-        s, alpha, _ = awq_grid_search(act_mean, loss, self.config.n_grid)
-        log.debug("AWQ %s: alpha=%.2f", targets[0].name, alpha)
-        return s
+        wm = weight_channel_mean([W for _, W in weights], targets[0].group_size) if self.config.duo_scaling else None
+        best = awq_grid_search(act_mean, loss, self.config.n_grid, wm)
+        self.counts["duo" if best.duo else "plain"] += 1
+        log.debug("AWQ %s: alpha=%.2f duo=%s", targets[0].name, best.alpha, best.duo)
+        return best.scales
 
     def quantize(self, Ws: Tensor, Xs: Tensor, t: Target) -> QuantResult:
         """Clipping search (when enabled) and round-to-nearest of the scaled weight W diag(s)."""
@@ -275,4 +283,4 @@ def apply_awq(model: nn.Module, config: AWQConfig, data: Tensor, runner: RunnerO
     return report("awq", proc.results, model, per_channel_fallback=fallback_count(config, plan),
                   rtn_fallback=rtn_n, groups_folded_into_norms=proc.counts["norm"],
                   groups_folded_into_linears=proc.counts["linear"],
-                  layers_with_input_scale=len(proc.input_scales))
+                  layers_with_input_scale=len(proc.input_scales), groups_with_duo_scales=proc.counts["duo"])

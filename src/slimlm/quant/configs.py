@@ -173,6 +173,9 @@ class AWQConfig(IntQuantConfig):
         "help": "points of the grid search over the scaling exponent alpha in [0, 1)"})
     clip: bool = field(default=True, metadata={
         "help": "search a clipping range per group minimising the output error (AWQ's weight clipping)"})
+    duo_scaling: bool = field(default=True, metadata={
+        "help": "search the duo scales a^alpha / m^(1-alpha) too (m: the weights' mean share of their group's "
+                "range), keeping whichever of them and the plain a^alpha gives the least error"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -36,6 +36,7 @@ def machine() -> dict:
     try:
         flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0]
         info["avx512_bf16"] = "avx512_bf16" in flags
+        info["avx2"] = "avx2" in flags
         info["cpu_model"] = Path("/proc/cpuinfo").read_text().split("model name", 1)[1].split(":", 1)[1].split("\n")[0].strip()
     except (OSError, IndexError):
         pass

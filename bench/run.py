@@ -184,8 +184,8 @@ QUANT_CASES = {
     "gptq_w3g64": ("gptq", {"bits": "3", "group_size": "64"}, "gptq", {"bits": 3, "group_size": 64}),
     "gptq_w2g64": ("gptq", {"bits": "2", "group_size": "64"}, None, {}),
     "gptq_w4pc": ("gptq", {"bits": "4", "group_size": "-1"}, None, {}),
-    "awq_w4g64": ("awq", {"bits": "4", "group_size": "64"}, None, {}),
-    "awq_w3g64": ("awq", {"bits": "3", "group_size": "64"}, None, {}),
+    "awq_w4g64": ("awq", {"bits": "4", "group_size": "64"}, "awq", {"bits": 4, "group_size": 64}),
+    "awq_w3g64": ("awq", {"bits": "3", "group_size": "64"}, "awq", {"bits": 3, "group_size": 64}),
     "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
     "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),
     "nf4_dq": ("nf4", {}, None, {}),
@@ -228,7 +228,12 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
     selected = wanted  # in the order given
     work = Path(tempfile.mkdtemp(prefix="slimlm-bench-"))
     path = P.RESULTS / f"{result_name}.json"
-    rows = json.loads(path.read_text())["figures"]["rows"] if path.is_file() and not args.fresh else {}
+    rows = {}
+    if path.is_file() and not args.fresh:
+        old = json.loads(path.read_text())
+        rows = old["figures"]["rows"]
+        for r in rows.values():   # rows of earlier runs keep the machine they were measured on
+            r.setdefault("machine", old.get("machine"))
     try:
         _run_cases(args, family, cases, result_name, selected, work, rows)
     finally:
@@ -238,8 +243,11 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
 
 def _run_cases(args, family: str, cases: dict, result_name: str, selected: list, work: Path, rows: dict) -> None:
     run = time.strftime("%Y-%m-%dT%H:%M:%S")   # rows measured in one invocation share this
+    here = P.machine()                          # and this: the file mixes runs, possibly on other CPUs
     fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
-    rows["fp32"] = {"tool": "reference", "run": run, **fp32}
+    if "fp32" in rows:     # an earlier run's reference row stays, under its run's name
+        rows[f"fp32__{rows['fp32'].get('run', 'earlier')}"] = rows.pop("fp32")
+    rows["fp32"] = {"tool": "reference", "run": run, "machine": here, **fp32}
     _child(["reference-one", P.MODEL, str(P.QUICK_WINDOWS), str(work)])
     for name in selected:
         method, opts, peer_method, peer_opts = cases[name]
@@ -252,7 +260,7 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
             ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--reference", P.MODEL, "--ref-cache", str(work)])
             # the evaluating process's own peak is not the compression's: keep both, under different names
             ev["eval_peak_rss_mb"] = ev.pop("peak_rss_mb")
-            row = {"tool": "slimlm", "run": run, "method": method, "options": opts, **comp, **ev,
+            row = {"tool": "slimlm", "run": run, "machine": here, "method": method, "options": opts, **comp, **ev,
                    "resident_vs_fp32": ev["resident_bytes"] / fp32["resident_bytes"],
                    "file_vs_fp32": comp["file_bytes"] / fp32["disk_bytes"]}
             if speed:
@@ -264,7 +272,7 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
         if peer_method and not args.no_peer and (args.peers is None or name in args.peers.split(",")):
             print(f"[{name}] llm-compressor {peer_method} {peer_opts}", flush=True)
             peer = _peer(peer_method, peer_opts, work)
-            rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", "run": run, **peer}
+            rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", "run": run, "machine": here, **peer}
             if "wall_s" in peer and "wall_s" in row:
                 row["wall_vs_llmcompressor"] = row["wall_s"] / peer["wall_s"]
         P.write_result(result_name, {"cases": selected}, {"rows": rows})
@@ -286,12 +294,18 @@ def _peer_ppl(row: dict, key: str) -> float | None:
     return None
 
 
+def _cpu(row: dict, default: dict | None = None) -> str:
+    """avx512_bf16 or avx2: which kind of CPU a row was measured on (they differ 2-7x in bf16 speed)."""
+    m = row.get("machine") or default or {}
+    return "avx512_bf16" if m.get("avx512_bf16") else ("avx2" if m else "-")
+
+
 def table(result_name: str) -> str:
     """A markdown table of a results file (the README's figures are pasted from it)."""
     doc = json.loads((P.RESULTS / f"{result_name}.json").read_text())
     rows = doc["figures"]["rows"]
     head = ("| case | tool | ppl persuasion | ppl northanger | KL | top-1 | wall s | peak MB | file x | "
-            "resident x | ready MB | decode x | prefill x | run |")
+            "resident x | ready MB | decode x | prefill x | run | cpu |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
 
     def f(v, nd=2):
@@ -301,7 +315,8 @@ def table(result_name: str) -> str:
         if r.get("tool") == "llm-compressor":
             lines.append(f"| {name.split('__')[0]} | llm-compressor | {f(_peer_ppl(r, 'persuasion'))} | "
                          f"{f(_peer_ppl(r, 'northanger'))} | - | - | {f(r.get('wall_s'), 1)} | "
-                         f"{f(r.get('peak_rss_mb_after_compress'), 0)} | - | - | - | - | - | {r.get('run', '-')} |" if "error" not in r else
+                         f"{f(r.get('peak_rss_mb_after_compress'), 0)} | - | - | - | - | - | {r.get('run', '-')} | {_cpu(r, doc.get('machine'))} |"
+                         if "error" not in r else
                          f"| {name.split('__')[0]} | llm-compressor | error: {r['error'][:80]} |")
             continue
         if "error" in r:
@@ -311,7 +326,8 @@ def table(result_name: str) -> str:
                      f"{f(r.get('kl_persuasion'), 3)} | {f(r.get('top1_persuasion'), 3)} | {f(r.get('wall_s'), 1)} | "
                      f"{f(r.get('peak_rss_mb'), 0)} | {f(r.get('file_vs_fp32'), 3)} | {f(r.get('resident_vs_fp32'), 3)} | "
                      f"{f(r.get('peak_rss_ready_mb'), 0)} | "
-                     f"{f(r.get('decode_vs_fp32'))} | {f(r.get('prefill_vs_fp32'))} | {r.get('run', '-')} |")
+                     f"{f(r.get('decode_vs_fp32'))} | {f(r.get('prefill_vs_fp32'))} | {r.get('run', '-')} | "
+                     f"{_cpu(r, doc.get('machine'))} |")
     return "\n".join(lines)
 
 

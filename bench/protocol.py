@@ -19,7 +19,7 @@ CALIB_TEXT = "austen_prideprejudice.txt"
 SEQLEN = 512
 QUICK_WINDOWS = 32
 CALIB_SAMPLES = 128
-THREADS = 2
+THREADS = int(os.environ.get("SLIMLM_BENCH_THREADS", "2"))   # the protocol: 2; fewer only for side experiments
 
 
 def corpus(name: str) -> str:

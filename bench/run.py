@@ -246,7 +246,8 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
     here = P.machine()                          # and this: the file mixes runs, possibly on other CPUs
     fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
     if "fp32" in rows:     # an earlier run's reference row stays, under its run's name
-        rows[f"fp32__{rows['fp32'].get('run', 'earlier')}"] = rows.pop("fp32")
+        earlier = rows.pop("fp32")
+        rows[f"fp32__{earlier.get('run', 'earlier')}"] = earlier
     rows["fp32"] = {"tool": "reference", "run": run, "machine": here, **fp32}
     _child(["reference-one", P.MODEL, str(P.QUICK_WINDOWS), str(work)])
     for name in selected:

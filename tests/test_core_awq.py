@@ -8,6 +8,7 @@ from slimlm.core.awq import (
     awq_grid_search,
     awq_range_search,
     awq_scales,
+    group_grams,
     group_output_error,
     quantize_clipped,
     scaled_fake_quantize,
@@ -114,18 +115,26 @@ def test_clip_at_absmax_is_rtn(salient):
     assert torch.equal(res.codes, codes) and torch.equal(res.scale, scale)
 
 
+@pytest.mark.parametrize("group_size", [-1, 32, 64])
+def test_group_grams_are_the_diagonal_blocks(salient, group_size):
+    _, X = salient
+    G = 1 if group_size < 0 else 128 // group_size
+    Xg = X.reshape(256, G, -1).transpose(0, 1)
+    assert torch.allclose(group_grams(X.T @ X / 256, group_size), Xg.transpose(1, 2) @ Xg / 256, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", [(3, -1, False), (3, 32, False), (4, 32, True)])
 def test_range_search_never_worse_than_min_max(salient, bits, group_size, symmetric):
     W, X = salient
     G = 1 if group_size < 0 else 128 // group_size
     Xg = X.reshape(256, G, -1).transpose(0, 1)
     gram = Xg.transpose(1, 2) @ Xg / 256
-    res = awq_range_search(W, X, bits, group_size, symmetric)
+    res = awq_range_search(W, X.T @ X / 256, bits, group_size, symmetric)
     assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= max_code(bits)
     searched = group_output_error(W, res.dequantize(), gram, group_size)
     plain = group_output_error(W, rtn(W, bits, group_size, symmetric), gram, group_size)
     assert torch.all(searched <= plain) and searched.sum() < plain.sum()
-    no_shrink = awq_range_search(W, X, bits, group_size, symmetric, max_shrink=0.0)
+    no_shrink = awq_range_search(W, X.T @ X / 256, bits, group_size, symmetric, max_shrink=0.0)
     codes, scale, _zero = rtn_quantize(W, bits, symmetric, group_size)
     assert torch.equal(no_shrink.codes, codes) and torch.allclose(no_shrink.scale, scale)
 
@@ -137,7 +146,7 @@ def test_range_search_never_worse_than_the_symmetric_clamp(salient, bits, group_
     G = 1 if group_size < 0 else 128 // group_size
     Xg = X.reshape(256, G, -1).transpose(0, 1)
     gram = Xg.transpose(1, 2) @ Xg / 256
-    ranged = group_output_error(W, awq_range_search(W, X, bits, group_size, False).dequantize(), gram, group_size)
+    ranged = group_output_error(W, awq_range_search(W, X.T @ X / 256, bits, group_size, False).dequantize(), gram, group_size)
     # the AWQ reference's clipping, by brute force: clamp to +-r max|w| for r = 1, 0.95, ..., 0.5, best per group
     absmax = W.abs().reshape(64, G, -1).amax(-1)
     clamped = torch.stack([group_output_error(W, quantize_clipped(W, absmax * (1 - k / 20), bits, group_size,

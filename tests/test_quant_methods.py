@@ -112,6 +112,22 @@ def test_awq_beats_rtn_on_salient_channels(arch):
     assert got["AWQConfig"] > got["RTNConfig"] + 1.0, got
 
 
+def test_awq_variants_search_and_sequence():
+    """duo_scaling off searches plain scales only; true_sequential takes o/down statistics from the quantized
+    q/k/v and gate/up outputs: both still beat RTN, and each changes the result."""
+    ref = logits(salient_model("llama"))
+    _, _, rtn = quantized(salient_model("llama"), RTNConfig(bits=3, group_size=32))
+    results = {}
+    for name, cfg in {"default": AWQConfig(bits=3, group_size=32),
+                      "plain": AWQConfig(bits=3, group_size=32, duo_scaling=False),
+                      "sequential": AWQConfig(bits=3, group_size=32, true_sequential=True)}.items():
+        _, report, m = quantized(salient_model("llama"), cfg)
+        results[name] = (logits(m), report)
+        assert sqnr_db(ref, results[name][0]) > sqnr_db(ref, logits(rtn)) + 1.0, name
+    assert "groups_with_duo_scales" not in results["plain"][1]      # zero counts are left out
+    assert not torch.equal(results["default"][0], results["sequential"][0])
+
+
 def test_awq_folds_scales_where_it_can():
     # Llama (4 heads, 2 key/value heads): q/k/v and gate/up fold into the norms, down into up_proj,
     # o_proj keeps an explicit input scale (v_proj cannot absorb it with grouped key/value heads).

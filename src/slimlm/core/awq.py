@@ -125,14 +125,24 @@ def group_output_error(W: Tensor, W_hat: Tensor, gram: Tensor, group_size: int) 
     return (torch.bmm(E, gram) * E).sum(-1).transpose(0, 1)
 
 
-def awq_range_search(W: Tensor, X: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int = 20,
+def group_grams(gram: Tensor, group_size: int) -> Tensor:
+    """The diagonal blocks (G, g, g) of a second-moment matrix gram (in, in) for groups of g consecutive
+    inputs (group_size -1: one group of all inputs)."""
+    n = gram.shape[0]
+    g = n if group_size < 0 else group_size
+    G = n // g
+    return gram.reshape(G, g, G, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def awq_range_search(W: Tensor, gram: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int = 20,
                      max_shrink: float = 0.5) -> QuantResult:
     """Clipping as a per-group range search; returns the quantized W (out, in) on the chosen grids.
 
-    Candidates for r in {1, 1 - 1/n_grid, ..., 1 - max_shrink}: the clamp to [-r max|w|, r max|w|] of the
-    AWQ reference (it cuts only the side of the group that reaches beyond r max|w|) and, asymmetric, the
-    group's [min, max] scaled by r (both sides cut alike). The candidate of least output error
-    mean_t (x_t,g . (w_g - w_hat_g))^2 wins per group, so the result is never worse on that criterion than
+    gram (in, in) = E[x x^T] over the calibration inputs x of W (of the scaled inputs x / s after AWQ
+    scaling). Candidates for r in {1, 1 - 1/n_grid, ..., 1 - max_shrink}: the clamp to [-r max|w|, r max|w|]
+    of the AWQ reference (it cuts only the side of the group that reaches beyond r max|w|) and, asymmetric,
+    the group's [min, max] scaled by r (both sides cut alike). The candidate of least output error
+    E[(x_g . (w_g - w_hat_g))^2] wins per group, so the result is never worse on that criterion than
     either family, nor than plain min-max (r = 1), which is only beaten strictly.
     """
     if not 0.0 <= max_shrink < 1.0:
@@ -141,8 +151,7 @@ def awq_range_search(W: Tensor, X: Tensor, bits: int, group_size: int, symmetric
         raise ConfigError(f"clipping needs group_size -1 or a divisor of in_features {W.shape[1]}, "
                           f"got {group_size}")
     W = W.float()
-    Xg = _grouped(X.float(), group_size).transpose(0, 1)                  # (G, n, g)
-    gram = torch.bmm(Xg.transpose(1, 2), Xg) / X.shape[0]                  # (G, g, g)
+    grams = group_grams(gram.float(), group_size)                          # (G, g, g)
     Wg = _grouped(W, group_size)                                           # (out, G, g)
     wmin, wmax = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)        # (out, G)
     absmax = torch.maximum(-wmin, wmax)
@@ -157,7 +166,7 @@ def awq_range_search(W: Tensor, X: Tensor, bits: int, group_size: int, symmetric
         for lo, hi in ranges:
             scale, zero = range_qparams(lo, hi, bits, symmetric)
             W_hat = dequantize_grouped(quantize_grouped(W, scale, zero, bits, g_idx), scale, zero, g_idx)
-            err = group_output_error(W, W_hat, gram, group_size)
+            err = group_output_error(W, W_hat, grams, group_size)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s, best_z = torch.where(better, scale, best_s), torch.where(better, zero, best_z)

@@ -2,7 +2,7 @@
 
 For each group of layers sharing an input x (q/k/v; o; gate/up; down):
 1. s = a^alpha with a = mean |x| per channel; alpha from a grid on [0, 1) minimising the group's output
-   error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 on the kept calibration rows (via X^T X);
+   error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 over every calibration token (through E[x x^T]);
 2. 1/s goes where it costs nothing at run time, found generically by probing the block in fp32:
    - the norm whose output IS x (a forward hook compares tensor identity): weight / s (LayerNorm bias too),
      or ((1 + weight) / s - 1) for norms computing x_hat * (1 + weight) (Gemma);
@@ -184,11 +184,11 @@ class FoldFinder:
 # ---------------------------------------------------------------------------------------------- processor
 class AWQProcessor:
     """The calibration runner's view of AWQ (see the module docstring)."""
-    needs = frozenset({"abs_sum", "inputs"})
-    sequential = False
+    needs = frozenset({"abs_sum", "hessian"})
 
     def __init__(self, config: AWQConfig, plan: dict[str, Target]) -> None:
         self.config, self.plan = config, plan
+        self.sequential = config.true_sequential
         self.results: dict[str, QuantResult] = {}
         self.input_scales: dict[str, Tensor] = {}
         self.folds = FoldFinder()
@@ -198,10 +198,10 @@ class AWQProcessor:
         infos = [info for info, _ in group]
         targets = [self.plan[i.name] for i in infos if i.name in self.plan]
         st = group[0][1]
-        if not targets or st.inputs is None or st.nsamples == 0:
+        if not targets or st.hessian is None or st.nsamples == 0:
             return
-        X = st.inputs.float()                                                      # (k, in)
-        s = self.search_scale(targets, X, st.abs_sum / st.nsamples)
+        gram = st.hessian / 2                          # E[x x^T] over every calibration token (in, in)
+        s = self.search_scale(targets, gram, st.abs_sum / st.nsamples)
         fold = self.folds(ctx, tuple(i.name[len(ctx.prefix) + 1:] for i in infos))
         self.counts[fold.kind] += 1
         if fold.kind == "norm":
@@ -212,9 +212,9 @@ class AWQProcessor:
             for info in infos:
                 if info.name not in self.plan:
                     info.set_weight(info.weight() * s)
-        Xs = X / s
+        gram_s = gram / s[:, None] / s[None, :]        # E[(x / s)(x / s)^T]
         for t in targets:
-            res = self.quantize(t.info.weight() * s, Xs, t)
+            res = self.quantize(t.info.weight() * s, gram_s, t)
             self.results[t.name] = res
             W_eff = res.dequantize()
             if fold.kind == "explicit":
@@ -222,9 +222,8 @@ class AWQProcessor:
                 W_eff = W_eff / s
             t.info.set_weight(W_eff)
 
-    def search_scale(self, targets: list[Target], X: Tensor, act_mean: Tensor) -> Tensor:
-        """Scales s (in,) of the best alpha for the group's layers (output error through X^T X / k)."""
-        gram = X.T @ X / X.shape[0]                                               # (in, in)
+    def search_scale(self, targets: list[Target], gram: Tensor, act_mean: Tensor) -> Tensor:
+        """Scales s (in,) of the best alpha for the group's layers (output error through gram = E[x x^T])."""
         weights = [(t, t.info.weight()) for t in targets]
         sym = self.config.symmetric
 
@@ -240,11 +239,11 @@ class AWQProcessor:
         log.debug("AWQ %s: alpha=%.2f duo=%s", targets[0].name, best.alpha, best.duo)
         return best.scales
 
-    def quantize(self, Ws: Tensor, Xs: Tensor, t: Target) -> QuantResult:
+    def quantize(self, Ws: Tensor, gram_s: Tensor, t: Target) -> QuantResult:
         """Clipping search (when enabled) and round-to-nearest of the scaled weight W diag(s)."""
         sym = self.config.symmetric
         if self.config.clip:
-            return awq_range_search(Ws, Xs, t.bits, t.group_size, sym)
+            return awq_range_search(Ws, gram_s, t.bits, t.group_size, sym)
         g = t.group_size if t.group_size > 0 else Ws.shape[1]
         max_abs = Ws.abs().reshape(Ws.shape[0], -1, g).amax(-1)                    # no clipping
         return quantize_clipped(Ws, max_abs, t.bits, t.group_size, sym)
@@ -272,8 +271,6 @@ class AWQProcessor:
 def apply_awq(model: nn.Module, config: AWQConfig, data: Tensor, runner: RunnerOptions) -> dict:
     from slimlm.quant.methods import fallback_count, quantize_rest
 
-    if runner.keep_rows < 1:
-        raise ConfigError("AWQ needs kept calibration rows: set RunnerOptions(keep_rows=...) to at least 512")
     plan = plan_targets(model, config)
     proc = AWQProcessor(config, plan)
     if any(t.in_block for t in plan.values()):

@@ -176,6 +176,9 @@ class AWQConfig(IntQuantConfig):
     duo_scaling: bool = field(default=True, metadata={
         "help": "search the duo scales a^alpha / m^(1-alpha) too (m: the weights' mean share of their group's "
                 "range), keeping whichever of them and the plain a^alpha gives the least error"})
+    true_sequential: bool = field(default=False, metadata={
+        "help": "take each group's statistics from inputs the already-quantized groups of its block produce "
+                "(one partial pass per group instead of one pass per block)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -35,7 +35,6 @@ from slimlm.core.awq import (
     weight_channel_mean,
 )
 from slimlm.core.quant import QuantResult
-from slimlm.errors import ConfigError
 from slimlm.quant.configs import AWQConfig
 from slimlm.quant.targets import Target, plan_targets, report, swap_in
 from slimlm.registry import register

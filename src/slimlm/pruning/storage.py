@@ -20,6 +20,7 @@ compressed-tensors `sparse-bitmask` layout that transformers loads through compr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -232,20 +233,31 @@ def config_dtype(config) -> torch.dtype:
 
 
 def load_state(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
-    """Load a full state dict strictly, allowing only tied weights to be absent."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load a full state dict strictly (assigning the tensors: the model may be on the meta device), allowing
+    only tied weights to be absent."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:                              # a shape that does not fit the config
+        raise SlimlmError(f"{where} does not match its config.json ({' '.join(str(e).split())[:300]})") from None
     model.tie_weights()
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in state if k in params}
     missing = [k for k in missing if k not in params or id(params[k]) not in loaded]
-    if missing or unexpected:
-        raise SlimlmError(f"{where} does not match its config.json: missing {missing[:3]}, "
+    left = [n for n, t in model.named_parameters() if t.is_meta]
+    if missing or unexpected or left:
+        raise SlimlmError(f"{where} does not match its config.json: missing {(missing or left)[:3]}, "
                           f"unexpected {list(unexpected)[:3]}")
 
 
 def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a folder written by save_sparse or by save_pretrained (dense, or structurally pruned with or
-    without per-layer sizes), in eval mode; every tensor comes back exactly as saved."""
+    without per-layer sizes), in eval mode; every tensor comes back exactly as saved.
+
+    The model is built with its parameters on the meta device (except a non-uniform structured model, whose
+    layer sizes are found by a forward pass) and each tensor is read, decompressed and assigned one at a
+    time, so loading holds about one copy of the weights (not a random-initialised model beside a
+    decompressed state dict beside the compressed file)."""
+    from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, GenerationConfig
 
@@ -255,21 +267,33 @@ def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SlimlmError(f"{folder} holds no .safetensors file; save the model with save_sparse or save_pretrained")
-    model = build_model(AutoConfig.from_pretrained(folder), dtype)
+    config = AutoConfig.from_pretrained(folder)
+    text = getattr(config, "text_config", None) or config
+    # per-layer sizes are found by a forward pass of the full-size model, which cannot run on meta
+    skeleton = contextlib.nullcontext() if getattr(text, "slimlm_structured", None) else \
+        init_empty_weights(include_buffers=False)
+    with skeleton:
+        model = build_model(config, dtype)
+    want = dtype or config_dtype(config)
     state: dict[str, Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as h:
-            names = h.keys()
-            raw = {k: h.get_tensor(k) for k in names}
-            encoded = json.loads((h.metadata() or {}).get("slimlm_sparse", "[]"))
-        for name in encoded:
-            state[name] = decompress_sparse({fld: raw.pop(f"{name}.{fld}") for fld in FIELDS
-                                             if f"{name}.{fld}" in raw})
-        state.update(raw)
+            names = set(h.keys())
+            for name in json.loads((h.metadata() or {}).get("slimlm_sparse", "[]")):
+                fields = {fld: h.get_tensor(f"{name}.{fld}") for fld in FIELDS if f"{name}.{fld}" in names}
+                names -= {f"{name}.{fld}" for fld in fields}
+                state[name] = _as_dtype(decompress_sparse(fields), want)
+            for k in names:
+                state[k] = _as_dtype(h.get_tensor(k), want)
     load_state(model, state, str(folder))
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Floating tensors in the model's dtype (as a load into an existing model would cast them)."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
 
 # ------------------------------------------------------------------------------ compressed-tensors export

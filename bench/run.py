@@ -186,6 +186,7 @@ QUANT_CASES = {
     "gptq_w4pc": ("gptq", {"bits": "4", "group_size": "-1"}, None, {}),
     "awq_w4g64": ("awq", {"bits": "4", "group_size": "64"}, "awq", {"bits": 4, "group_size": 64}),
     "awq_w3g64": ("awq", {"bits": "3", "group_size": "64"}, "awq", {"bits": 3, "group_size": 64}),
+    "awq_w3g64_clipsearch": ("awq", {"bits": "3", "group_size": "64", "clip_in_search": "true"}, None, {}),
     "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
     "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),
     "nf4_dq": ("nf4", {}, None, {}),

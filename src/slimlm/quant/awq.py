@@ -228,8 +228,13 @@ class AWQProcessor:
 
         def loss(s: Tensor) -> float:
             total = 0.0
+            gram_s = gram / s[:, None] / s[None, :] if self.config.clip_in_search else None
             for t, W in weights:
-                E = W - scaled_fake_quantize(W, s, t.bits, t.group_size, sym)    # (out, in)
+                if gram_s is None:                       # min-max rounding of W diag(s)
+                    W_hat = scaled_fake_quantize(W, s, t.bits, t.group_size, sym)
+                else:                                    # the clipped rounding quantize() will apply
+                    W_hat = self.quantize(W * s, gram_s, t).dequantize() / s
+                E = W - W_hat                                                      # (out, in)
                 total += float(((E @ gram) * E).sum())
             return total
         wm = weight_channel_mean([W for _, W in weights], targets[0].group_size) if self.config.duo_scaling else None

@@ -152,6 +152,9 @@ class GPTQConfig(IntQuantConfig):
     range_search: bool = field(default=True, metadata={
         "help": "with static groups or per channel: shrink each group's range by the factor (grid of 20, up to "
                 "20 percent) that minimises its Hessian-diagonal-weighted rounding error; default true"})
+    clip_in_search: bool = field(default=False, metadata={
+        "help": "judge each alpha by the error after the clipping search rather than after min-max rounding "
+                "(~20x the search's quantization work)"})
     true_sequential: bool = field(default=False, metadata={
         "help": "quantize the layers of a block in order, each calibrated on the outputs of the layers "
                 "already quantized (q/k/v, then o, then gate/up, then down); costs about a third more time; "
@@ -176,6 +179,9 @@ class AWQConfig(IntQuantConfig):
     duo_scaling: bool = field(default=True, metadata={
         "help": "search the duo scales a^alpha / m^(1-alpha) too (m: the weights' mean share of their group's "
                 "range), keeping whichever of them and the plain a^alpha gives the least error"})
+    clip_in_search: bool = field(default=False, metadata={
+        "help": "judge each alpha by the error after the clipping search rather than after min-max rounding "
+                "(~20x the search's quantization work)"})
     true_sequential: bool = field(default=False, metadata={
         "help": "take each group's statistics from inputs the already-quantized groups of its block produce "
                 "(one partial pass per group instead of one pass per block)"})

@@ -233,8 +233,9 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
     if path.is_file() and not args.fresh:
         old = json.loads(path.read_text())
         rows = old["figures"]["rows"]
-        for r in rows.values():   # rows of earlier runs keep the machine they were measured on
-            r.setdefault("machine", old.get("machine"))
+        last = max((r.get("run", "") for r in rows.values()), default="")
+        for r in rows.values():   # the file's machine is that of its last run; older rows' stays unknown
+            r.setdefault("machine", old.get("machine") if r.get("run", "") == last else None)
     try:
         _run_cases(args, family, cases, result_name, selected, work, rows)
     finally:
@@ -244,7 +245,7 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
 
 def _run_cases(args, family: str, cases: dict, result_name: str, selected: list, work: Path, rows: dict) -> None:
     run = time.strftime("%Y-%m-%dT%H:%M:%S")   # rows measured in one invocation share this
-    here = P.machine()                          # and this: the file mixes runs, possibly on other CPUs
+    here = {**P.machine(), "threads": P.THREADS}   # and this: the file mixes runs, possibly on other CPUs
     fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
     if "fp32" in rows:     # an earlier run's reference row stays, under its run's name
         earlier = rows.pop("fp32")
@@ -299,7 +300,7 @@ def _peer_ppl(row: dict, key: str) -> float | None:
 def _cpu(row: dict, default: dict | None = None) -> str:
     """avx512_bf16 or avx2: which kind of CPU a row was measured on (they differ 2-7x in bf16 speed)."""
     m = row.get("machine") or default or {}
-    return "avx512_bf16" if m.get("avx512_bf16") else ("avx2" if m else "-")
+    return "avx512_bf16" if m.get("avx512_bf16") else ("avx2" if m.get("avx2") else ("other" if m else "-"))
 
 
 def table(result_name: str) -> str:

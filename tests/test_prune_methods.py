@@ -32,7 +32,7 @@ CONFIGS = {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": Spar
 # every (method, architecture) pair once; each method and each architecture sees both kinds of sparsity
 CASES = [(method, arch, ("0.5", "2:4")[(i + j) % 2]) for i, method in enumerate(CONFIGS)
          for j, arch in enumerate(ARCHS)]
-QUIET = RunnerOptions(progress=False)
+QUIET = RunnerOptions(fast=False, progress=False)   # fp32 passes: the same on every CPU
 
 
 @pytest.fixture(autouse=True)

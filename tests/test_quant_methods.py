@@ -21,7 +21,7 @@ from slimlm.quant.targets import Target
 
 from conftest import ARCHS, random_windows, tiny_model
 
-RUNNER = RunnerOptions(batch_size=4, progress=False)
+RUNNER = RunnerOptions(batch_size=4, fast=False, progress=False)   # fp32 passes: the same on every CPU
 
 
 
@@ -124,7 +124,9 @@ def test_awq_variants_search_and_sequence():
         _, report, m = quantized(salient_model("llama"), cfg)
         results[name] = (logits(m), report)
         assert sqnr_db(ref, results[name][0]) > sqnr_db(ref, logits(rtn)) + 1.0, name
+    assert results["default"][1]["groups_with_duo_scales"] > 0       # the salient channels favour duo scales
     assert "groups_with_duo_scales" not in results["plain"][1]      # zero counts are left out
+    assert not torch.equal(results["default"][0], results["plain"][0])
     assert not torch.equal(results["default"][0], results["sequential"][0])
 
 

@@ -5,8 +5,8 @@ Calibration windows go through the model one decoder block at a time:
    attention mask, position embeddings, ...) are captured by running the model until block 0 is entered;
 2. for each block, the linear layers are discovered in execution order and grouped by shared input
    (q/k/v; o; gate/up; down for a Llama block). For each group, one pass over the calibration inputs
-   accumulates the statistics the method asks for (X^T X Hessian, per-channel sums of x^2 and |x|, a
-   subsample of input rows), stopping the block as soon as the group's inputs are seen; the method then
+   accumulates the statistics the method asks for (X^T X Hessian, per-channel sums of x^2 and |x|),
+   stopping the block as soon as the group's inputs are seen; the method then
    rewrites the group's weights. With `sequential=True` ("true-sequential") each group sees inputs produced
    by the already-processed groups; otherwise one pass collects every group's statistics;
 3. the block runs once more to produce the (now compressed) inputs of the next block (each batch's output
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-STATS = frozenset({"hessian", "sq_sum", "abs_sum", "inputs"})
+STATS = frozenset({"hessian", "sq_sum", "abs_sum"})
 
 
 # ----------------------------------------------------------------------------------------------- discovery
@@ -89,15 +89,13 @@ class LinearStats:
     hessian: Tensor | None = None   # (in, in) fp32: 2/n * sum_t x_t x_t^T  (after finalize)
     sq_sum: Tensor | None = None    # (in,) fp32: sum_t x_t^2   (Wanda's ||X_j||_2^2)
     abs_sum: Tensor | None = None   # (in,) fp32: sum_t |x_t|   (AWQ's activation magnitude * n)
-    inputs: Tensor | None = None    # (k, in) a subsample of input rows, in the forward dtype
-    _rows: list = field(default_factory=list, repr=False)
 
-    def add(self, x: Tensor, needs: frozenset, fast: bool, keep_rows: int) -> None:
+    def add(self, x: Tensor, needs: frozenset, fast: bool) -> None:
         # Hooks run inside the bf16 autocast of the forward pass; the statistics must not.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            self._add(x, needs, fast, keep_rows)
+            self._add(x, needs, fast)
 
-    def _add(self, x: Tensor, needs: frozenset, fast: bool, keep_rows: int) -> None:
+    def _add(self, x: Tensor, needs: frozenset, fast: bool) -> None:
         x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
         if "hessian" in needs:
@@ -116,20 +114,12 @@ class LinearStats:
         if "abs_sum" in needs:
             s = xf.abs().sum(0)
             self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
-        if "inputs" in needs and keep_rows > 0:
-            have = sum(r.shape[0] for r in self._rows)
-            if have < keep_rows:
-                step = max(1, n // max(1, keep_rows // 8))
-                self._rows.append(x[::step][: keep_rows - have].detach().clone())
         self.nsamples += n
 
     def finalize(self) -> None:
         if self.hessian is not None and self.nsamples:
             mirror_upper_(self.hessian)   # the fp32 path fills the upper triangle only
             self.hessian.mul_(2.0 / self.nsamples)
-        if self._rows:
-            self.inputs = torch.cat(self._rows)
-            self._rows = []
 
 
 def gram_upper_(acc: Tensor, x: Tensor) -> None:
@@ -195,7 +185,6 @@ class RunnerOptions:
     fast_stats: bool = False         # X^T X products in bf16 too: ~4x faster, but rounding each product to
                                      # bf16 can make H indefinite (GPTQ then needs more damping)
     device: str = "cpu"
-    keep_rows: int = 4096            # rows of input kept per group when a method needs "inputs"
     progress: bool = True
 
 
@@ -335,7 +324,7 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
     hooks = []
     for g, st in zip(groups, stats):
         def pre(mod, args, _st=st, _stop=(g[0].module is last)):
-            _st.add(args[0].detach(), needs, opts.fast_stats, opts.keep_rows)
+            _st.add(args[0].detach(), needs, opts.fast_stats)
             if _stop:
                 raise _Stop
         hooks.append(g[0].module.register_forward_pre_hook(pre))

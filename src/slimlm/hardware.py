@@ -46,8 +46,8 @@ def cpu_has_native_bf16() -> bool:
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """True when bf16 matrix products on `device` are faster than fp32 ones."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dev.type == "cuda":          # this device's own capability: bf16 tensor cores since Ampere (8.0)
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(dev) >= (8, 0)
     if dev.type == "cpu":
         return cpu_has_native_bf16()
     return False

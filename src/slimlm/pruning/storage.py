@@ -254,9 +254,9 @@ def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
     without per-layer sizes), in eval mode; every tensor comes back exactly as saved.
 
     The model is built with its parameters on the meta device (except a non-uniform structured model, whose
-    layer sizes are found by a forward pass) and each tensor is read, decompressed and assigned one at a
-    time, so loading holds about one copy of the weights (not a random-initialised model beside a
-    decompressed state dict beside the compressed file)."""
+    layer sizes are found by a forward pass), each tensor is read and decompressed in turn (a compressed
+    tensor's parts are freed before the next is read) and the result assigned, so loading holds about one
+    copy of the weights, not a random-initialised model beside a decompressed state dict beside the file."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, GenerationConfig
@@ -274,7 +274,13 @@ def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
         init_empty_weights(include_buffers=False)
     with skeleton:
         model = build_model(config, dtype)
-    want = dtype or config_dtype(config)
+    own = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    fallback = dtype or config_dtype(config)
+
+    def want(name: str) -> torch.dtype:      # each tensor in the dtype the model built it with
+        t = own.get(name)
+        return t.dtype if t is not None and t.is_floating_point() else fallback
+
     state: dict[str, Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as h:
@@ -282,9 +288,9 @@ def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
             for name in json.loads((h.metadata() or {}).get("slimlm_sparse", "[]")):
                 fields = {fld: h.get_tensor(f"{name}.{fld}") for fld in FIELDS if f"{name}.{fld}" in names}
                 names -= {f"{name}.{fld}" for fld in fields}
-                state[name] = _as_dtype(decompress_sparse(fields), want)
+                state[name] = _as_dtype(decompress_sparse(fields), want(name))
             for k in names:
-                state[k] = _as_dtype(h.get_tensor(k), want)
+                state[k] = _as_dtype(h.get_tensor(k), want(k))
     load_state(model, state, str(folder))
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)

@@ -1,7 +1,9 @@
 """AWQ (Lin et al. 2023) through the calibration runner: per-input-channel scales, weight clipping, rounding.
 
 For each group of layers sharing an input x (q/k/v; o; gate/up; down):
-1. s = a^alpha with a = mean |x| per channel; alpha from a grid on [0, 1) minimising the group's output
+1. s = a^alpha with a = mean |x| per channel, and (duo_scaling, default) also s = a^alpha / (m^(1-alpha) + 1e-4)
+   with m the mean share of its group's range that each input channel's weights use; alpha from a grid on
+   [0, 1) (2 x n_grid points with duo scales) minimising the group's output
    error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 over every calibration token (through E[x x^T]);
 2. 1/s goes where it costs nothing at run time, found generically by probing the block in fp32:
    - the norm whose output IS x (a forward hook compares tensor identity): weight / s (LayerNorm bias too),
@@ -240,7 +242,7 @@ class AWQProcessor:
         wm = weight_channel_mean([W for _, W in weights], targets[0].group_size) if self.config.duo_scaling else None
         best = awq_grid_search(act_mean, loss, self.config.n_grid, wm)
         self.counts["duo" if best.duo else "plain"] += 1
-        log.debug("AWQ %s: alpha=%.2f duo=%s", targets[0].name, best.alpha, best.duo)
+        log.debug("AWQ %s: alpha=%.2f duo=%s loss=%.4g", targets[0].name, best.alpha, best.duo, min(best.losses))
         return best.scales
 
     def quantize(self, Ws: Tensor, gram_s: Tensor, t: Target) -> QuantResult:

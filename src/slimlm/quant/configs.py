@@ -152,9 +152,6 @@ class GPTQConfig(IntQuantConfig):
     range_search: bool = field(default=True, metadata={
         "help": "with static groups or per channel: shrink each group's range by the factor (grid of 20, up to "
                 "20 percent) that minimises its Hessian-diagonal-weighted rounding error; default true"})
-    clip_in_search: bool = field(default=False, metadata={
-        "help": "judge each alpha by the error after the clipping search rather than after min-max rounding "
-                "(~20x the search's quantization work)"})
     true_sequential: bool = field(default=False, metadata={
         "help": "quantize the layers of a block in order, each calibrated on the outputs of the layers "
                 "already quantized (q/k/v, then o, then gate/up, then down); costs about a third more time; "
@@ -173,7 +170,8 @@ class GPTQConfig(IntQuantConfig):
 class AWQConfig(IntQuantConfig):
     """AWQ (Lin et al. 2023): activation-aware per-channel scaling and weight clipping, then rounding."""
     n_grid: int = field(default=20, metadata={
-        "help": "points of the grid search over the scaling exponent alpha in [0, 1)"})
+        "help": "points of the grid search over the scaling exponent alpha in [0, 1) (per family: twice as many "
+                "with duo_scaling)"})
     clip: bool = field(default=True, metadata={
         "help": "search a clipping range per group minimising the output error (AWQ's weight clipping)"})
     duo_scaling: bool = field(default=True, metadata={

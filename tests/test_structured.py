@@ -237,3 +237,27 @@ def test_registry_says_which_scores_need_data():
     with pytest.raises(SlimlmError, match="needs calibration data"):
         slimlm.prune(model, StructuredConfig(ratio=0.2, importance="taylor"))
     slimlm.prune(model, StructuredConfig(ratio=0.2, importance="magnitude"))   # no data, no error
+
+
+def test_taylor_gradients_are_the_sum_over_windows(monkeypatch):
+    """One window per backward pass gives the gradient of the summed per-window losses exactly."""
+    from slimlm.pruning.structured import _taylor_scores, find_layers, find_parts, model_dims
+
+    model = tiny_model("llama")
+    data = random_windows(4, 16)
+    layers = find_layers(model)
+    d = model_dims(model)
+    parts = find_parts(model, layers, d)
+    seen = {}
+    orig = S.taylor_importance
+
+    def spy(w, g):
+        seen[id(w)] = g.clone()
+        return orig(w, g)
+
+    monkeypatch.setattr(S, "taylor_importance", spy)
+    _taylor_scores(model, layers, parts, d, [data])
+    lin = layers[0].mlp.down_proj
+    model.zero_grad()
+    sum(model(input_ids=w, labels=w, use_cache=False).loss for w in data.split(1)).backward()
+    torch.testing.assert_close(seen[id(lin.weight)], lin.weight.grad, rtol=1e-5, atol=1e-7)

@@ -247,9 +247,7 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
     run = time.strftime("%Y-%m-%dT%H:%M:%S")   # rows measured in one invocation share this
     here = {**P.machine(), "threads": P.THREADS}   # and this: the file mixes runs, possibly on other CPUs
     fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
-    if "fp32" in rows:     # an earlier run's reference row stays, under its run's name
-        earlier = rows.pop("fp32")
-        rows[f"fp32__{earlier.get('run', 'earlier')}"] = earlier
+    _keep_earlier(rows, "fp32", run)
     rows["fp32"] = {"tool": "reference", "run": run, "machine": here, **fp32}
     _child(["reference-one", P.MODEL, str(P.QUICK_WINDOWS), str(work)])
     for name in selected:
@@ -271,14 +269,23 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
         except RuntimeError as e:
             row = {"tool": "slimlm", "method": method, "options": opts, "error": str(e)[-2000:]}
         shutil.rmtree(out_dir, ignore_errors=True)
+        _keep_earlier(rows, name, run)
         rows[name] = row
         if peer_method and not args.no_peer and (args.peers is None or name in args.peers.split(",")):
             print(f"[{name}] llm-compressor {peer_method} {peer_opts}", flush=True)
             peer = _peer(peer_method, peer_opts, work)
+            _keep_earlier(rows, f"{name}__llmcompressor", run)
             rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", "run": run, "machine": here, **peer}
             if "wall_s" in peer and "wall_s" in row:
                 row["wall_vs_llmcompressor"] = row["wall_s"] / peer["wall_s"]
         P.write_result(result_name, {"cases": selected}, {"rows": rows})
+
+
+def _keep_earlier(rows: dict, key: str, run: str) -> None:
+    """A row about to be replaced by this run's stays in the file as `key@its run`: nothing measured is lost."""
+    if key in rows and rows[key].get("run") != run:
+        earlier = rows.pop(key)
+        rows[f"{key}@{earlier.get('run', 'earlier')}"] = earlier
 
 
 def suite_baseline(args) -> None:
@@ -295,6 +302,11 @@ def _peer_ppl(row: dict, key: str) -> float | None:
         if key in name.replace("_", ""):
             return v["ppl"] if isinstance(v, dict) else v
     return None
+
+
+def _at(name: str) -> str:
+    """A kept earlier row's run stamp, as the table shows it (the peer's key carries it after its suffix)."""
+    return f" (@{name.split('@', 1)[1]})" if "@" in name and "__" in name else ""
 
 
 def _cpu(row: dict, default: dict | None = None) -> str:
@@ -316,11 +328,11 @@ def table(result_name: str) -> str:
 
     for name, r in rows.items():
         if r.get("tool") == "llm-compressor":
-            lines.append(f"| {name.split('__')[0]} | llm-compressor | {f(_peer_ppl(r, 'persuasion'))} | "
+            lines.append(f"| {name.split('__')[0]}{_at(name)} | llm-compressor | {f(_peer_ppl(r, 'persuasion'))} | "
                          f"{f(_peer_ppl(r, 'northanger'))} | - | - | {f(r.get('wall_s'), 1)} | "
                          f"{f(r.get('peak_rss_mb_after_compress'), 0)} | - | - | - | - | - | {r.get('run', '-')} | {_cpu(r, doc.get('machine'))} |"
                          if "error" not in r else
-                         f"| {name.split('__')[0]} | llm-compressor | error: {r['error'][:80]} |")
+                         f"| {name.split('__')[0]}{_at(name)} | llm-compressor | error: {r['error'][:80]} |")
             continue
         if "error" in r:
             lines.append(f"| {name} | slimlm | error (see the json) |")

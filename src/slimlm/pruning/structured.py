@@ -241,7 +241,7 @@ def _taylor_scores(model: nn.Module, layers: nn.ModuleList, parts: list[Parts], 
     """LLM-Pruner's first-order Taylor scores from the gradient of sum_w L_w, L_w the mean LM loss of window w.
 
     One window per backward pass: the activations held for the backward are one window's, not a batch's
-    (a batch of 8 x 512 tokens held ~10 GB on SmolLM2-135M, attention matrices and 49k-wide logits included).
+    (with batches of 8 x 512 tokens the structured 20% compression of SmolLM2-135M peaked at 10 GB).
     """
     lins = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -179,7 +179,7 @@ class AWQConfig(IntQuantConfig):
                 "range), keeping whichever of them and the plain a^alpha gives the least error"})
     clip_in_search: bool = field(default=False, metadata={
         "help": "judge each alpha by the error after the clipping search rather than after min-max rounding "
-                "(~20x the search's quantization work)"})
+                "(21 candidate ranges rounded per alpha instead of one; much slower)"})
     true_sequential: bool = field(default=False, metadata={
         "help": "take each group's statistics from inputs the already-quantized groups of its block produce "
                 "(one partial pass per group instead of one pass per block)"})

@@ -200,6 +200,12 @@ PRUNE_CASES = {
     f"{m}_{k}": (m, {"sparsity": v}, m if m != "magnitude" and k in _PEER_SPARSE else None, {"sparsity": v})
     for m in ("magnitude", "wanda", "sparsegpt") for k, v in _SPARSITIES.items()
 }
+# The same settings with one forward per block (propagate=dense): the peer row beside them is llm-compressor at
+# its default (propagate_error=True, two forwards per block), the comparison the targets name.
+PRUNE_CASES.update({
+    f"{m}_{k}_dense": (m, {"sparsity": v, "propagate": "dense"}, m, {"sparsity": v})
+    for m in ("wanda", "sparsegpt") for k, v in _PEER_SPARSE.items()
+})
 PRUNE_CASES.update({
     "sparsegpt_50_joint_w4g64": ("sparsegpt", {"sparsity": "0.5", "bits": "4", "group_size": "64"}, None, {}),
     "sparsegpt_50_then_rtn_w4g64": ("sparsegpt", {"sparsity": "0.5", "then": ["quantize", "rtn",

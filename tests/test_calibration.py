@@ -159,3 +159,76 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch):
     assert hw.cpu_has_native_bf16()
     monkeypatch.setattr(hw, "_cpu_flags", lambda: frozenset({"fp", "asimd", "bf16"}))   # Arm
     assert hw.cpu_has_native_bf16()
+
+
+class DownZeroer(Recorder):
+    """Zeroes every block's down_proj (so the compressed model's activations differ from the dense one's)."""
+
+    def process(self, ctx, group):
+        self.groups.append((ctx.index, [info.name for info, _ in group], group[0][1]))
+        for info, _ in group:
+            if info.name.endswith("down_proj"):
+                info.set_weight(torch.zeros_like(info.weight()))
+
+
+def _dense_qkv_sq_sums(model, w):
+    """sum_t x_t^2 of every block's q_proj input in the untouched model."""
+    sums, hooks = {}, []
+    for i, b in enumerate(model.model.layers):
+        def pre(_m, a, _i=i):
+            x = a[0].reshape(-1, a[0].shape[-1]).double()
+            sums[_i] = sums.get(_i, 0) + (x ** 2).sum(0)
+        hooks.append(b.self_attn.q_proj.register_forward_pre_hook(pre))
+    with torch.no_grad():
+        model(w)
+    for h in hooks:
+        h.remove()
+    return sums
+
+
+def _run_counting(propagate, w):
+    """(statistics seen per block's q/k/v group, the dense model's, block forwards started per block)."""
+    model = tiny_model("llama")
+    dense = _dense_qkv_sq_sums(model, w)
+    starts = []
+    hooks = [b.register_forward_pre_hook(lambda *_a, _i=i: starts.append(_i))
+             for i, b in enumerate(model.model.layers)]
+    rec = DownZeroer(needs=("sq_sum",), sequential=False)
+    run_layerwise(model, w, rec, RunnerOptions(batch_size=2, fast=False, progress=False, propagate=propagate))
+    for h in hooks:
+        h.remove()
+    seen = {i: s.sq_sum.double() for i, g, s in rec.groups if g[0].endswith("q_proj")}
+    return seen, dense, {i: starts.count(i) for i in range(len(model.model.layers))}
+
+
+def test_dense_propagation_calibrates_on_the_dense_activations_in_one_forward():
+    w = random_windows(6, 16)   # 3 batches of 2
+    seen_d, dense, starts_d = _run_counting("dense", w)
+    seen_c, _, starts_c = _run_counting("compressed", w)
+    n_blocks = len(dense)
+    assert n_blocks > 1 and sorted(seen_d) == sorted(seen_c) == list(range(n_blocks))
+    for i in range(n_blocks):
+        # dense: every block sees the untouched model's activations although each down_proj was zeroed
+        torch.testing.assert_close(seen_d[i], dense[i], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen_c[0], dense[0], rtol=1e-5, atol=1e-6)
+    for i in range(1, n_blocks):   # compressed: later blocks see the rewritten model
+        assert not torch.allclose(seen_c[i], dense[i], rtol=1e-3, atol=1e-4)
+    # one propagation pass (3 batches) fewer for every block but the last, which propagates nothing either way
+    assert {i: starts_c[i] - starts_d[i] for i in range(n_blocks)} == {
+        i: (3 if i + 1 < n_blocks else 0) for i in range(n_blocks)}
+
+
+def test_dense_propagation_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="propagate must be"):
+        RunnerOptions(propagate="sideways")
+    with pytest.raises(ValueError, match="true-sequential"):
+        run_layerwise(tiny_model("llama"), random_windows(2, 8), Recorder(sequential=True),
+                      RunnerOptions(progress=False, propagate="dense"))
+
+    class Runs(Recorder):
+        def process(self, ctx, group):
+            ctx.forward(batches=[0])
+
+    with pytest.raises(RuntimeError, match="propagate='compressed'"):
+        run_layerwise(tiny_model("llama"), random_windows(2, 8), Runs(sequential=False),
+                      RunnerOptions(fast=False, progress=False, propagate="dense"))

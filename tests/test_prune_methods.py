@@ -126,6 +126,28 @@ def test_sparsegpt_sequential_or_one_pass_both_prune_exactly(sequential):
         check_pattern(info.weight(), model.slimlm_masks[name], "sparsegpt", "0.5")
 
 
+@pytest.mark.parametrize("method,sparsity", [("wanda", "2:4"), ("sparsegpt", "0.5")])
+def test_dense_propagation_prunes_exactly_and_close_to_compressed(method, sparsity):
+    """propagate=dense (one forward per block) gives the same exact pattern, reports itself, and on a tiny
+    model lands near the default propagation's logits error (the choice changes only the activations the
+    later blocks are calibrated on)."""
+    dense = tiny_model("llama")
+    held_out = random_windows(4, 32, seed=1)
+    with torch.no_grad():
+        ref = dense(input_ids=held_out).logits
+    mse, reports = {}, {}
+    for propagate in ("compressed", "dense"):
+        model = copy.deepcopy(dense)
+        reports[propagate] = prune(model, CONFIGS[method](sparsity=sparsity, propagate=propagate),
+                                   data=random_windows(16, 32))
+        for name, info in block_linears(model).items():
+            check_pattern(info.weight(), model.slimlm_masks[name], method, sparsity)
+        mse[propagate] = logits_mse(model, ref, held_out)
+    assert reports["dense"]["propagate"] == "dense" and reports["compressed"]["propagate"] == "compressed"
+    assert mse["dense"] != mse["compressed"]                 # the later blocks did see other activations
+    assert mse["dense"] < 1.5 * mse["compressed"], mse
+
+
 def test_shared_factorisation_gives_the_same_solve():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(256, 64, generator=g)
@@ -250,7 +272,9 @@ def test_bad_magnitude_options(kwargs, words):
 
 
 @pytest.mark.parametrize("kwargs,words", [(dict(bits=5), "2, 3, 4, 8"), (dict(bits=4, group_size=0), "-1"),
-                                          (dict(damp=-1.0), "damp"), (dict(block_size=0), "block_size")])
+                                          (dict(damp=-1.0), "damp"), (dict(block_size=0), "block_size"),
+                                          (dict(propagate="dense", true_sequential=True), "drop one of them"),
+                                          (dict(propagate="pruned"), "'compressed' or 'dense'")])
 def test_bad_sparsegpt_options(kwargs, words):
     with pytest.raises(ConfigError, match=words):
         SparseGPTConfig(**kwargs)

@@ -166,8 +166,25 @@ class MagnitudeConfig(PruneConfig):
                                   "scope=layer")
 
 
+PROPAGATE_HELP = ("inputs of each next block: 'compressed' = outputs of the block just pruned (a second forward "
+                  "per block, as llm-compressor by default), 'dense' = the statistics pass's own outputs (one "
+                  "forward per block: each block calibrated on the dense model's activations, like "
+                  "llm-compressor's propagate_error=False); default compressed")
+
+
 @dataclass
-class WandaConfig(PruneConfig):
+class CalibratedPruneConfig(PruneConfig):
+    """Fields of the pruning methods that run the calibration runner (not registered itself)."""
+    propagate: str = field(default="compressed", metadata={"help": PROPAGATE_HELP})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.propagate not in ("compressed", "dense"):
+            raise ConfigError(f"propagate must be 'compressed' or 'dense', got {self.propagate!r}")
+
+
+@dataclass
+class WandaConfig(CalibratedPruneConfig):
     """Wanda (Sun et al. 2023): remove the smallest |W_ij| * ||X_j|| per output row (needs data)."""
 
 
@@ -175,7 +192,7 @@ QUANT_BITS = (2, 3, 4, 8)
 
 
 @dataclass
-class SparseGPTConfig(PruneConfig):
+class SparseGPTConfig(CalibratedPruneConfig):
     """SparseGPT (Frantar & Alistarh 2023): OBS pruning with reconstruction, optionally joint with GPTQ."""
     block_size: int = field(default=128, metadata={"help": "columns per lazy-update block (speed only); default 128"})
     damp: float = field(default=0.01, metadata={
@@ -202,6 +219,9 @@ class SparseGPTConfig(PruneConfig):
                               f"linear layer stores) or none, got {self.bits}")
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"group_size must be positive (e.g. 64) or -1 for per channel, got {self.group_size}")
+        if self.propagate == "dense" and self.true_sequential:
+            raise ConfigError("propagate=dense collects each block's statistics in one pass and cannot combine "
+                              "with true_sequential; drop one of them")
 
     def quant(self) -> tuple[int, int, bool] | None:
         """(bits, group_size, symmetric) for core.sparsegpt, or None without joint quantization."""

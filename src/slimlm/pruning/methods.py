@@ -5,7 +5,8 @@ Glue between the configs (prune/configs.py) and the math (core/prune.py, core/sp
    and `ignore`) and the sparsity of each (the schedule), and checks everything (patterns that match nothing,
    N:M with M not dividing a layer's inputs, quantized shapes) before any weight changes;
 2. magnitude prunes directly; Wanda and SparseGPT run through the layer-by-layer calibration runner, so each
-   block is pruned on the activations of the already-pruned blocks before it;
+   block is pruned on the activations of the already-pruned blocks before it (or, with propagate=dense, on
+   the dense model's activations, one forward per block instead of two);
 3. the keep-masks (bool (out, in), True = kept) are recorded per layer name in `model.slimlm_masks`, so a
    later step (fine-tuning, movement pruning) can hold the pruned weights at zero with `apply_masks(model)`.
    Layers left dense (sparsity 0) get no mask. `slimlm.save_model` then writes the compact sparse format
@@ -13,6 +14,7 @@ Glue between the configs (prune/configs.py) and the math (core/prune.py, core/sp
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,14 +218,16 @@ class LayerPruner:
 
 
 def _run(model: nn.Module, data: Tensor | None, plan: dict[str, Target], fn: LayerFn, needs: set[str],
-         sequential: bool, runner: RunnerOptions | None, method: str) -> tuple[dict[str, Tensor], dict]:
+         sequential: bool, runner: RunnerOptions | None, method: str,
+         propagate: str = "compressed") -> tuple[dict[str, Tensor], dict]:
     proc = LayerPruner(plan, fn, frozenset(needs), sequential)
+    runner = dataclasses.replace(runner or RunnerOptions(), propagate=propagate)
     run_layerwise(model, _windows(data, method), proc, runner)
     missed = [n for n in plan if n not in proc.done]
     if missed:
         log.warning("%d target layers never ran in a forward pass and were left dense: %s", len(missed),
                     ", ".join(missed[:5]))
-    return proc.masks, ({"never_called": missed} if missed else {})
+    return proc.masks, ({"never_called": missed} if missed else {}) | {"propagate": propagate}
 
 
 def _wanda_layer(ctx: BlockContext, info: LinearInfo, stats: LinearStats, spec: Spec) -> Tensor | None:
@@ -241,7 +245,7 @@ def apply_wanda(model: nn.Module, config: WandaConfig, data: Tensor | None,
                 runner: RunnerOptions | None = None) -> dict:
     """Wanda: one pass per block collects sum_t x_t^2 of every linear's input, then prunes the block."""
     plan = plan_targets(model, config)
-    masks, extra = _run(model, data, plan, _wanda_layer, {"sq_sum"}, False, runner, "wanda")
+    masks, extra = _run(model, data, plan, _wanda_layer, {"sq_sum"}, False, runner, "wanda", config.propagate)
     _finish(model, masks)
     return _report("wanda", config, plan, masks, **extra)
 
@@ -281,7 +285,7 @@ def apply_sparsegpt(model: nn.Module, config: SparseGPTConfig, data: Tensor | No
     if config.bits is not None:
         _check_quantizable(plan, config)
     masks, extra = _run(model, data, plan, _sparsegpt_layer(config), {"hessian"}, config.true_sequential,
-                        runner, "sparsegpt")
+                        runner, "sparsegpt", config.propagate)
     _finish(model, masks)
     if config.bits is not None:
         extra.update(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)

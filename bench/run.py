@@ -219,6 +219,11 @@ PRUNE_CASES.update({
                                                 "head_fraction": "0"}, None, {}),
     "structured_20_magnitude": ("structured", {"ratio": "0.2", "importance": "magnitude", "head_fraction": "0"},
                                 None, {}),
+    # the same 20% with whole decoder layers among the removed units (MLP channels take the rest)
+    "structured_20_taylor_2layers": ("structured", {"ratio": "0.2", "importance": "taylor", "head_fraction": "0",
+                                                    "layers": "2"}, None, {}),
+    "structured_20_taylor_4layers": ("structured", {"ratio": "0.2", "importance": "taylor", "head_fraction": "0",
+                                                    "layers": "4"}, None, {}),
     "structured_30_taylor": ("structured", {"ratio": "0.3", "importance": "taylor", "head_fraction": "0"},
                              None, {}),
 })

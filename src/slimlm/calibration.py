@@ -307,53 +307,58 @@ def _detach(v):
 
 @dataclass
 class FirstBatch:
-    """What the discovery pass saw on batch 0: each group's input and the block's output. The statistics
-    pass starts from it instead of running batch 0 again (one batch forward less per block)."""
-    group_inputs: list[Tensor]
+    """What the discovery pass gathered on batch 0: each group's statistics (not finalized) and the block's
+    output. The statistics pass continues from them instead of running batch 0 again (one batch forward less
+    per block); the inputs themselves are not kept."""
+    stats: list[LinearStats]
     output: Tensor
 
 
-def discover_groups(ctx: BlockContext) -> tuple[list[list[LinearInfo]], FirstBatch | None]:
-    """Linear layers of the block in execution order, grouped by the input tensor they share; and batch 0's
-    group inputs and output (None when a linear layer ran twice: its statistics would then need every call)."""
-    order: list[tuple[str, nn.Module, Tensor]] = []   # holding the inputs keeps their identity unique
+def discover_groups(ctx: BlockContext, needs: frozenset = frozenset(),
+                    fast_stats: bool = False) -> tuple[list[list[LinearInfo]], FirstBatch | None]:
+    """Linear layers of the block in execution order, grouped by the input tensor they share (consecutive
+    layers called on the same tensor object); with `needs`, batch 0's statistics of each group and the block
+    output too (None when a linear layer ran twice: its statistics would then need every call)."""
+    groups: list[list[LinearInfo]] = []
+    stats: list[LinearStats] = []
+    seen: dict[str, int] = {}
+    state = {"last_x": None, "repeat": False}
     hooks = []
     for name, m in ctx.block.named_modules():
         if is_linear(m):
             def pre(mod, args, _name=name):
-                order.append((_name, mod, args[0]))
+                x = args[0]
+                if _name in seen:   # a module called twice (weight sharing) keeps its first group
+                    state["repeat"] = True
+                    return
+                info = LinearInfo(f"{ctx.prefix}.{_name}", mod)
+                if groups and x is state["last_x"]:
+                    groups[-1].append(info)
+                else:
+                    groups.append([info])
+                    st = LinearStats()
+                    if needs:
+                        st.add(x.detach(), needs, fast_stats)
+                    stats.append(st)
+                seen[_name] = len(groups) - 1
+                state["last_x"] = x
             hooks.append(m.register_forward_pre_hook(pre))
     try:
         out = ctx.forward(batches=[0])[0]
     finally:
         for h in hooks:
             h.remove()
-    groups: list[list[LinearInfo]] = []
-    firsts: list[Tensor] = []
-    seen: dict[str, int] = {}
-    last_x = None
-    for name, mod, x in order:
-        if name in seen:  # a module called twice (weight sharing) keeps its first group
-            continue
-        info = LinearInfo(f"{ctx.prefix}.{name}", mod)
-        if groups and x is last_x:
-            groups[-1].append(info)
-        else:
-            groups.append([info])
-            firsts.append(x)
-        seen[name] = len(groups) - 1
-        last_x = x
-    once = len(seen) == len(order)
-    return groups, (FirstBatch(firsts, out) if once else None)
+    state["last_x"] = None
+    return groups, (FirstBatch(stats, out) if needs and not state["repeat"] else None)
 
 
 def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset,
              opts: RunnerOptions, keep_outputs: bool = False, first: FirstBatch | None = None) -> list[LinearStats]:
     """One pass over the calibration inputs accumulating stats of each group's input; stops once the last
     group's input is seen, or with `keep_outputs` runs the block to its end and puts each batch's output in
-    place of its input (ctx.consumed). With `first` (the discovery pass's batch 0, taken while the weights
-    were those of now), batch 0 is not run again."""
-    stats = [LinearStats() for _ in groups]
+    place of its input (ctx.consumed). With `first` (the discovery pass's batch 0, gathered while the
+    weights were those of now; one LinearStats per group), batch 0 is not run again."""
+    stats = first.stats if first is not None else [LinearStats() for _ in groups]
     last = groups[-1][0].module
     hooks = []
     for g, st in zip(groups, stats):
@@ -362,11 +367,7 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
             if _stop:
                 raise _Stop
         hooks.append(g[0].module.register_forward_pre_hook(pre))
-    start = 0
-    if first is not None:
-        for st, x in zip(stats, first.group_inputs, strict=True):
-            st.add(x, needs, opts.fast_stats)
-        start = 1
+    start = 0 if first is None else 1
     try:
         for i in range(start, len(ctx.inputs)):
             try:
@@ -440,13 +441,13 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
             block.to(opts.device)
             args, kwargs = cap.block_arguments(i)
             ctx = BlockContext(i, block, f"{prefix}.{i}" if prefix else str(i), inputs, args, kwargs, autocast)
-            groups, first = discover_groups(ctx)
+            groups, first = discover_groups(ctx, needs, opts.fast_stats)
             dense = opts.propagate == "dense" and i + 1 < len(blocks)   # the last block's outputs go nowhere
             if processor.sequential:
                 for k, g in enumerate(groups):
                     # batch 0 of the first group was seen by discovery with these weights; later groups' inputs
                     # depend on the groups rewritten since
-                    seed = FirstBatch(first.group_inputs[:1], first.output) if first and k == 0 else None
+                    seed = FirstBatch(first.stats[:1], first.output) if first and k == 0 else None
                     st = _collect(ctx, [g], needs, opts, first=seed)[0]
                     processor.process(ctx, [(info, st) for info in g])
             else:

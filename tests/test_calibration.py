@@ -232,3 +232,63 @@ def test_dense_propagation_refuses_what_it_cannot_do():
     with pytest.raises(RuntimeError, match="propagate='compressed'"):
         run_layerwise(tiny_model("llama"), random_windows(2, 8), Runs(sequential=False),
                       RunnerOptions(fast=False, progress=False, propagate="dense"))
+
+
+@pytest.mark.parametrize("d", [64, 200, 576, 800])
+def test_gram_upper_matches_the_full_product(d):
+    """The strip split (up to 8 strips of ~96 rows, bounds not dividing d evenly) fills the upper triangle."""
+    from slimlm.calibration import gram_upper_, mirror_upper_
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(300, d, generator=g, dtype=torch.float64)
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    gram_upper_(acc, x[:150])
+    gram_upper_(acc, x[150:])
+    mirror_upper_(acc)
+    torch.testing.assert_close(acc, x.T @ x)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_first_batch_statistics_come_from_discovery_exactly_once(sequential):
+    """Batch 0's statistics are gathered by the discovery pass and not again: over several batches, each
+    group's Hessian and count equal the direct computation (sequential: the first group is seeded)."""
+    model = tiny_model("llama")
+    w = random_windows(6, 16)
+    xs = {}
+
+    def keep(name):
+        def pre(_m, a):
+            xs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]).double())
+        return pre
+    layer = model.model.layers[1]
+    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(keep("q")),
+             layer.mlp.gate_proj.register_forward_pre_hook(keep("gate"))]
+    with torch.no_grad():
+        model(w)
+    for h in hooks:
+        h.remove()
+    rec = Recorder(needs=("hessian", "sq_sum"), sequential=sequential)
+    run_layerwise(model, w, rec, RunnerOptions(batch_size=2, fast=False, progress=False))
+    for key, leaf in (("q", "q_proj"), ("gate", "gate_proj")):
+        x = torch.cat(xs[key])
+        st = [s for i, g, s in rec.groups if i == 1 and g[0].endswith(leaf)][0]
+        assert st.nsamples == x.shape[0] == 6 * 16
+        torch.testing.assert_close(st.hessian.double(), 2 / x.shape[0] * x.T @ x, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(st.sq_sum.double(), (x ** 2).sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_a_module_called_twice_falls_back_to_running_batch_zero():
+    """When a linear layer runs twice in a block, discovery gathers no statistics and every batch is run
+    (a batch-0 seed would hold only the first of gate_proj's three calls)."""
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    orig = mlp.forward
+
+    def thrice(x):
+        mlp.gate_proj(x * 2)          # gate_proj runs three times per batch before down_proj
+        mlp.gate_proj(x * 3)
+        return orig(x)
+    mlp.forward = thrice
+    rec = Recorder(needs=("sq_sum",), sequential=False)
+    run_layerwise(model, random_windows(4, 8), rec, RunnerOptions(batch_size=2, fast=False, progress=False))
+    st = [s for i, g, s in rec.groups if i == 0 and g[0].endswith("gate_proj")][0]
+    assert st.nsamples == 3 * 4 * 8

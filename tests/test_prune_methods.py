@@ -340,3 +340,10 @@ def test_cli_errors(model_dir, tmp_path, capsys, args, words):
     assert main(["prune", "--model", str(model_dir), *args, "--output", str(out), "--threads", "1"]) == 2
     assert words in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dense_propagation_asked_on_the_runner_holds():
+    model = tiny_model("llama")
+    report = api.prune(model, WandaConfig(sparsity="0.5"), data=random_windows(8, 32),
+                       runner=RunnerOptions(fast=False, progress=False, propagate="dense"))
+    assert report["propagate"] == "dense"

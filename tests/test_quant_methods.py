@@ -341,3 +341,11 @@ def test_awq_clip_in_search_judges_alpha_after_clipping():
     _, _, rtn = quantized(salient_model("llama"), RTNConfig(bits=3, group_size=32))
     assert sqnr_db(ref, logits(joint)) > sqnr_db(ref, logits(rtn)) + 1.0
     assert not torch.equal(logits(plain), logits(joint))
+
+
+def test_awq_refuses_dense_propagation():
+    """AWQ's search reads each block's inputs; with propagate='dense' they would be its outputs."""
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="propagate='compressed'"):
+        slimlm.quantize(model, AWQConfig(bits=4, group_size=32), data=random_windows(4, 16),
+                        runner=RunnerOptions(fast=False, progress=False, propagate="dense"))

@@ -181,6 +181,7 @@ class Processor(Protocol):
     """A post-training method as the runner sees it."""
     needs: frozenset            # subset of STATS
     sequential: bool            # true-sequential groups inside a block
+    # optional `reads_inputs: bool`: process() reads ctx.inputs or runs the block (refused with propagate="dense")
 
     def process(self, ctx: BlockContext, group: list[tuple[LinearInfo, LinearStats]]) -> None:
         """Rewrite the weights of one group of linear layers (they share one input, hence one LinearStats)."""
@@ -311,14 +312,16 @@ class FirstBatch:
     output. The statistics pass continues from them instead of running batch 0 again (one batch forward less
     per block); the inputs themselves are not kept."""
     stats: list[LinearStats]
-    output: Tensor
+    output: Tensor | None       # kept only where it becomes the next block's input (propagate="dense")
 
 
-def discover_groups(ctx: BlockContext, needs: frozenset = frozenset(),
-                    fast_stats: bool = False) -> tuple[list[list[LinearInfo]], FirstBatch | None]:
+def discover_groups(ctx: BlockContext, needs: frozenset = frozenset(), fast_stats: bool = False,
+                    stat_groups: int | None = None,
+                    keep_output: bool = False) -> tuple[list[list[LinearInfo]], FirstBatch | None]:
     """Linear layers of the block in execution order, grouped by the input tensor they share (consecutive
-    layers called on the same tensor object); with `needs`, batch 0's statistics of each group and the block
-    output too (None when a linear layer ran twice: its statistics would then need every call)."""
+    layers called on the same tensor object); with `needs`, batch 0's statistics of the first `stat_groups`
+    groups (all by default) and, with `keep_output`, the block's output (FirstBatch is None when a linear
+    layer ran twice: its statistics would then need every call)."""
     groups: list[list[LinearInfo]] = []
     stats: list[LinearStats] = []
     seen: dict[str, int] = {}
@@ -337,7 +340,7 @@ def discover_groups(ctx: BlockContext, needs: frozenset = frozenset(),
                 else:
                     groups.append([info])
                     st = LinearStats()
-                    if needs:
+                    if needs and (stat_groups is None or len(stats) < stat_groups):
                         st.add(x.detach(), needs, fast_stats)
                     stats.append(st)
                 seen[_name] = len(groups) - 1
@@ -349,7 +352,10 @@ def discover_groups(ctx: BlockContext, needs: frozenset = frozenset(),
         for h in hooks:
             h.remove()
     state["last_x"] = None
-    return groups, (FirstBatch(stats, out) if needs and not state["repeat"] else None)
+    if not needs or state["repeat"]:
+        return groups, None
+    return groups, FirstBatch(stats[:stat_groups] if stat_groups is not None else stats,
+                              out if keep_output else None)
 
 
 def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset,
@@ -368,6 +374,10 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
                 raise _Stop
         hooks.append(g[0].module.register_forward_pre_hook(pre))
     start = 0 if first is None else 1
+    if keep_outputs and first is not None:   # batch 0 is done: its output takes its input's place at once
+        if first.output is None:
+            raise ValueError("keep_outputs needs the discovery pass's output (discover_groups keep_output=True)")
+        ctx.inputs[0], first.output = first.output, None
     try:
         for i in range(start, len(ctx.inputs)):
             try:
@@ -376,8 +386,6 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
                 continue
             if keep_outputs:
                 ctx.inputs[i] = out[0]
-        if keep_outputs and first is not None:
-            ctx.inputs[0] = first.output
         ctx.consumed = keep_outputs
     finally:
         for h in hooks:
@@ -424,6 +432,9 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
     if opts.propagate == "dense" and processor.sequential:
         raise ValueError("propagate='dense' collects a block's statistics in one pass; it does not combine with "
                          "true-sequential processing")
+    if opts.propagate == "dense" and getattr(processor, "reads_inputs", False):
+        raise ValueError(f"{type(processor).__name__} reads each block's inputs while processing it; with "
+                         "propagate='dense' they are already replaced by the outputs: use propagate='compressed'")
     prefix, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
@@ -441,14 +452,15 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
             block.to(opts.device)
             args, kwargs = cap.block_arguments(i)
             ctx = BlockContext(i, block, f"{prefix}.{i}" if prefix else str(i), inputs, args, kwargs, autocast)
-            groups, first = discover_groups(ctx, needs, opts.fast_stats)
             dense = opts.propagate == "dense" and i + 1 < len(blocks)   # the last block's outputs go nowhere
+            # batch 0 is seen by discovery with the weights of now: every group's in one pass; in true-
+            # sequential order only the first group's (later groups' inputs depend on the groups rewritten since)
+            groups, first = discover_groups(ctx, needs, opts.fast_stats,
+                                            stat_groups=1 if processor.sequential else None, keep_output=dense)
             if processor.sequential:
                 for k, g in enumerate(groups):
-                    # batch 0 of the first group was seen by discovery with these weights; later groups' inputs
-                    # depend on the groups rewritten since
-                    seed = FirstBatch(first.stats[:1], first.output) if first and k == 0 else None
-                    st = _collect(ctx, [g], needs, opts, first=seed)[0]
+                    st = _collect(ctx, [g], needs, opts, first=first if k == 0 else None)[0]
+                    first = None
                     processor.process(ctx, [(info, st) for info in g])
             else:
                 all_stats = _collect(ctx, groups, needs, opts, keep_outputs=dense, first=first)

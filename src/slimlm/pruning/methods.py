@@ -221,7 +221,10 @@ def _run(model: nn.Module, data: Tensor | None, plan: dict[str, Target], fn: Lay
          sequential: bool, runner: RunnerOptions | None, method: str,
          propagate: str = "compressed") -> tuple[dict[str, Tensor], dict]:
     proc = LayerPruner(plan, fn, frozenset(needs), sequential)
-    runner = dataclasses.replace(runner or RunnerOptions(), propagate=propagate)
+    runner = runner or RunnerOptions()
+    # "compressed" is both sides' default: a "dense" asked on either the config or the runner holds
+    propagate = "dense" if "dense" in (propagate, runner.propagate) else "compressed"
+    runner = dataclasses.replace(runner, propagate=propagate)
     run_layerwise(model, _windows(data, method), proc, runner)
     missed = [n for n in plan if n not in proc.done]
     if missed:

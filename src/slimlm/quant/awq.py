@@ -186,6 +186,7 @@ class FoldFinder:
 class AWQProcessor:
     """The calibration runner's view of AWQ (see the module docstring)."""
     needs = frozenset({"abs_sum", "hessian"})
+    reads_inputs = True   # the search reads the block's inputs (ctx.inputs), so propagate="dense" is refused
 
     def __init__(self, config: AWQConfig, plan: dict[str, Target]) -> None:
         self.config, self.plan = config, plan

@@ -464,7 +464,7 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
                     processor.process(ctx, [(info, st) for info in g])
             else:
                 all_stats = _collect(ctx, groups, needs, opts, keep_outputs=dense, first=first)
-                first = None   # batch 0's activations are no longer needed while the group is processed
+                first = None
                 for g, st in zip(groups, all_stats):
                     processor.process(ctx, [(info, st) for info in g])
             # each batch's output replaces its input at once: one copy of the hidden states, not two;

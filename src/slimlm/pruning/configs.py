@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from ..calibration import PROPAGATE
 from ..core.prune import parse_sparsity
 from ..errors import ConfigError
 
@@ -179,7 +180,7 @@ class CalibratedPruneConfig(PruneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.propagate not in ("compressed", "dense"):
+        if self.propagate not in PROPAGATE:
             raise ConfigError(f"propagate must be 'compressed' or 'dense', got {self.propagate!r}")
 
 

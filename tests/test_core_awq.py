@@ -54,7 +54,8 @@ def test_awq_scaling_beats_rtn(salient, bits, group_size):
         losses_seen.append(loss)
         return loss
 
-    best_s, best_alpha, duo, losses = awq_grid_search(act_abs_mean, loss_fn, n_grid=10)
+    best_s, best_alpha, duo, losses, stat = awq_grid_search(act_abs_mean, loss_fn, n_grid=10)
+    assert stat == "mean"
     assert not duo
     assert losses == losses_seen and len(losses) == 10
     rtn_loss = output_error(W, rtn(W, bits, group_size), X)
@@ -67,7 +68,7 @@ def test_awq_scaling_beats_rtn(salient, bits, group_size):
 def test_grid_search_picks_minimum():
     a = torch.rand(16) + 0.1
     target = awq_scales(a, 0.3)
-    _s, alpha, _duo, losses = awq_grid_search(a, lambda s: float(((s - target) ** 2).sum()), n_grid=20)
+    _s, alpha, _duo, losses, _stat = awq_grid_search(a, lambda s: float(((s - target) ** 2).sum()), n_grid=20)
     assert alpha == pytest.approx(0.3) and len(losses) == 20
 
 
@@ -153,3 +154,48 @@ def test_range_search_never_worse_than_the_symmetric_clamp(salient, bits, group_
                                                                   False).dequantize(), gram, group_size)
                            for k in range(11)]).amin(0)
     assert torch.all(ranged <= clamped * (1 + 1e-5)) and ranged.sum() < clamped.sum()
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, 32), (4, -1)])
+def test_scaled_fake_quantize_matches_the_grouped_codes(salient, bits, group_size):
+    """The broadcasting fake quantizer gives exactly the codes-then-dequantize result."""
+    W, X = salient
+    s = awq_scales(X.abs().mean(0), 0.5)
+    Ws = W * s
+    ref = dequantize_grouped(*rtn_quantize(Ws, bits, False, group_size), group_size=group_size) / s
+    assert torch.equal(scaled_fake_quantize(W, s, bits, group_size, False), ref)
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, 32), (2, 32), (3, -1)])
+def test_range_refinement_never_worse_and_helps_lopsided_groups(salient, bits, group_size):
+    W, X = salient
+    W = W + 0.8 * W.abs()                    # lopsided groups: each end wants its own cut
+    G = 1 if group_size < 0 else 128 // group_size
+    Xg = X.reshape(256, G, -1).transpose(0, 1)
+    gram = Xg.transpose(1, 2) @ Xg / 256
+    base = awq_range_search(W, X.T @ X / 256, bits, group_size, False)
+    refined = awq_range_search(W, X.T @ X / 256, bits, group_size, False, refine=True)
+    e_base = group_output_error(W, base.dequantize(), gram, group_size)
+    e_ref = group_output_error(W, refined.dequantize(), gram, group_size)
+    assert torch.all(e_ref <= e_base * (1 + 1e-6)) and e_ref.sum() < e_base.sum()
+    assert refined.codes.dtype == torch.uint8 and int(refined.codes.max()) <= max_code(bits)
+    # symmetric grids have one end only: refinement changes nothing there
+    sym = awq_range_search(W, X.T @ X / 256, bits, group_size, True, refine=True)
+    assert torch.equal(sym.codes, awq_range_search(W, X.T @ X / 256, bits, group_size, True).codes)
+
+
+def test_rms_family_is_searched_after_the_others_and_never_worse(salient):
+    W, X = salient
+    a, rms = X.abs().mean(0), X.pow(2).mean(0).sqrt()
+    wm = weight_channel_mean([W], 32)
+
+    def loss_fn(s):
+        return output_error(W, scaled_fake_quantize(W, s, 3, 32, False), X)
+
+    two = awq_grid_search(a, loss_fn, n_grid=10, weight_mean=wm)
+    four = awq_grid_search(a, loss_fn, n_grid=10, weight_mean=wm, act_rms=rms)
+    assert len(four.losses) == 40 and four.losses[:20] == two.losses
+    assert min(four.losses) <= min(two.losses)
+    assert four.losses[20] == pytest.approx(four.losses[0])          # alpha = 0 of the rms family is s = 1 too
+    expect = awq_scales(rms if four.stat == "rms" else a, four.alpha, wm if four.duo else None)
+    assert torch.equal(four.scales, expect)

@@ -231,6 +231,13 @@ def test_bits_out_of_range(cls, bits):
         cls(bits=bits)
 
 
+def test_bad_awq_grid_sizes():
+    with pytest.raises(ConfigError, match="n_grid must be a positive"):
+        AWQConfig(n_grid=0)
+    with pytest.raises(ConfigError, match="clip_in_search_grid must be a positive"):
+        AWQConfig(clip_in_search_grid=0)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(overrides="down_proj8"), "not PATTERN=VALUE"),
     (dict(overrides="down_proj=9"), "'none' or one of the bit widths"),
@@ -341,6 +348,22 @@ def test_awq_clip_in_search_judges_alpha_after_clipping():
     _, _, rtn = quantized(salient_model("llama"), RTNConfig(bits=3, group_size=32))
     assert sqnr_db(ref, logits(joint)) > sqnr_db(ref, logits(rtn)) + 1.0
     assert not torch.equal(logits(plain), logits(joint))
+
+
+def test_awq_rms_scales_and_clip_refinement_change_the_result():
+    """rms_scales adds the sqrt E[x^2] families to the grid (reported when chosen); clip_refine moves each end of
+    the clipping range on its own. Each changes the quantized model, and both stay well ahead of RTN."""
+    ref = logits(salient_model("llama"))
+    _, _, rtn = quantized(salient_model("llama"), RTNConfig(bits=3, group_size=32))
+    _, report, base = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, rms_scales=False))
+    assert "groups_with_rms_scales" not in report                     # zero counts are left out
+    for kw in ({"rms_scales": True}, {"rms_scales": False, "clip_refine": True}):
+        _, report, m = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, **kw))
+        assert sqnr_db(ref, logits(m)) > sqnr_db(ref, logits(rtn)) + 1.0, kw
+        assert not torch.equal(logits(m), logits(base)), kw
+        if kw["rms_scales"]:
+            assert report.get("groups_with_rms_scales", 0) > 0
+    assert AWQConfig().rms_scales and not AWQConfig().clip_refine    # the defaults
 
 
 def test_awq_refuses_dense_propagation():

@@ -58,31 +58,36 @@ class GridResult(NamedTuple):
     scales: Tensor        # (in,) the best scales
     alpha: float          # their exponent
     duo: bool             # whether they are duo scales (divided by the weight term)
-    losses: list[float]   # loss per grid point: plain alphas first, then duo alphas when searched
+    losses: list[float]   # loss per grid point, family by family in the order awq_grid_search documents
+    stat: str = "mean"    # the activation statistic of the best scales: "mean" (mean |x|) or "rms"
 
 
 def awq_grid_search(act_abs_mean: Tensor, loss_fn: Callable[[Tensor], float], n_grid: int = 20,
-                    weight_mean: Tensor | None = None) -> GridResult:
+                    weight_mean: Tensor | None = None, act_rms: Tensor | None = None) -> GridResult:
     """Search alpha in {0, 1/n, ..., (n-1)/n} minimising loss_fn(awq_scales(act_abs_mean, alpha)); with
-    `weight_mean` the duo scales awq_scales(act_abs_mean, alpha, weight_mean) are searched too, after them.
+    `weight_mean` the duo scales awq_scales(act_abs_mean, alpha, weight_mean) are searched too, after them;
+    with `act_rms` (sqrt(E[x^2]) per channel) the same family or two again on that statistic, after those.
 
     loss_fn(s) should return the output error of the layer(s) quantized with W diag(s), e.g.
     ||X W^T - (X / s) Q(W diag(s))^T||^2. alpha = 0 (s = 1, plain RTN) is always tried, so the best loss is
-    never above RTN's, and searching both families is never worse on loss_fn than either alone.
+    never above RTN's, and searching several families is never worse on loss_fn than any one alone.
     """
     if n_grid < 1:
         raise ConfigError(f"n_grid must be >= 1, got {n_grid}")
+    stats = [("mean", act_abs_mean)] + ([("rms", act_rms)] if act_rms is not None else [])
+    weights = (None, weight_mean) if weight_mean is not None else (None,)
     losses: list[float] = []
     best: GridResult | None = None
     best_loss = math.inf
-    for wm in (None, weight_mean) if weight_mean is not None else (None,):
-        for k in range(n_grid):
-            alpha = k / n_grid
-            s = awq_scales(act_abs_mean, alpha, wm)
-            loss = float(loss_fn(s))
-            losses.append(loss)
-            if loss < best_loss:
-                best_loss, best = loss, GridResult(s, alpha, wm is not None, [])
+    for stat, act in stats:
+        for wm in weights:
+            for k in range(n_grid):
+                alpha = k / n_grid
+                s = awq_scales(act, alpha, wm)
+                loss = float(loss_fn(s))
+                losses.append(loss)
+                if loss < best_loss:
+                    best_loss, best = loss, GridResult(s, alpha, wm is not None, [], stat)
     if best is None:
         raise ValueError("loss_fn returned NaN for every alpha; check the calibration activations")
     return best._replace(losses=losses)
@@ -91,9 +96,20 @@ def awq_grid_search(act_abs_mean: Tensor, loss_fn: Callable[[Tensor], float], n_
 def scaled_fake_quantize(W: Tensor, s: Tensor, bits: int, group_size: int, symmetric: bool) -> Tensor:
     """Q(W diag(s)) diag(s)^-1 (out, in): the effective weight AWQ scaling yields, for use in a loss_fn."""
     Ws = W.float() * s.unsqueeze(0)
-    scale, zero = group_qparams(Ws, bits, symmetric, group_size)
-    Q = quantize_grouped(Ws, scale, zero, bits, group_size=group_size)
-    return dequantize_grouped(Q, scale, zero, group_size=group_size) / s.unsqueeze(0)
+    if group_size == 0:
+        scale, zero = group_qparams(Ws, bits, symmetric, group_size)
+        Q = quantize_grouped(Ws, scale, zero, bits, group_size=group_size)
+        return dequantize_grouped(Q, scale, zero, group_size=group_size) / s.unsqueeze(0)
+    Wg = _grouped(Ws, group_size)                                              # (out, G, g)
+    scale, zero = range_qparams(Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0), bits, symmetric)
+    return _fake_quant_grouped(Wg, scale, zero, bits).reshape(W.shape) / s.unsqueeze(0)
+
+
+def _fake_quant_grouped(Wg: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """(q - z) * s for contiguous groups Wg (out, G, g) and qparams (out, G), by broadcasting (the same
+    arithmetic as quantize/dequantize without materialising per-column copies of the qparams)."""
+    sc, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return (torch.clamp(torch.round(Wg / sc) + z, 0, (1 << bits) - 1) - z) * sc
 
 
 def _grouped(x: Tensor, group_size: int) -> Tensor:
@@ -135,7 +151,7 @@ def group_grams(gram: Tensor, group_size: int) -> Tensor:
 
 
 def awq_range_search(W: Tensor, gram: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int = 20,
-                     max_shrink: float = 0.5) -> QuantResult:
+                     max_shrink: float = 0.5, refine: bool = False) -> QuantResult:
     """Clipping as a per-group range search; returns the quantized W (out, in) on the chosen grids.
 
     gram (in, in) = E[x x^T] over the calibration inputs x of W (of the scaled inputs x / s after AWQ
@@ -144,6 +160,8 @@ def awq_range_search(W: Tensor, gram: Tensor, bits: int, group_size: int, symmet
     the group's [min, max] scaled by r (both sides cut alike). The candidate of least output error
     E[(x_g . (w_g - w_hat_g))^2] wins per group, so the result is never worse on that criterion than
     either family, nor than plain min-max (r = 1), which is only beaten strictly.
+    `refine` (asymmetric only) then moves each end on its own: the lower end over min * r with the upper end
+    kept, then the upper end over max * r with the lower end kept; again only a strictly better range wins.
     """
     if not 0.0 <= max_shrink < 1.0:
         raise ConfigError(f"max_shrink must be in [0, 1), got {max_shrink}")
@@ -155,20 +173,31 @@ def awq_range_search(W: Tensor, gram: Tensor, bits: int, group_size: int, symmet
     Wg = _grouped(W, group_size)                                           # (out, G, g)
     wmin, wmax = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)        # (out, G)
     absmax = torch.maximum(-wmin, wmax)
-    g_idx = default_g_idx(W.shape[1], group_size, W.device)
     best_err = torch.full_like(wmin, math.inf)
-    best_s, best_z = torch.ones_like(wmin), torch.zeros_like(wmin)
-    for k in range(round(max_shrink * n_grid) + 1):
-        r = 1 - k / n_grid
-        ranges = [(torch.maximum(wmin, -r * absmax), torch.minimum(wmax, r * absmax))]
+    best_lo, best_hi = wmin.clone(), wmax.clone()
+
+    def consider(lo: Tensor, hi: Tensor) -> None:
+        nonlocal best_err, best_lo, best_hi
+        scale, zero = range_qparams(lo, hi, bits, symmetric)
+        W_hat = _fake_quant_grouped(Wg, scale, zero, bits).reshape(W.shape)
+        err = group_output_error(W, W_hat, grams, group_size)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+
+    ratios = [1 - k / n_grid for k in range(round(max_shrink * n_grid) + 1)]
+    for k, r in enumerate(ratios):
+        consider(torch.maximum(wmin, -r * absmax), torch.minimum(wmax, r * absmax))
         if not symmetric and k > 0:
-            ranges.append((wmin * r, wmax * r))
-        for lo, hi in ranges:
-            scale, zero = range_qparams(lo, hi, bits, symmetric)
-            W_hat = dequantize_grouped(quantize_grouped(W, scale, zero, bits, g_idx), scale, zero, g_idx)
-            err = group_output_error(W, W_hat, grams, group_size)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s, best_z = torch.where(better, scale, best_s), torch.where(better, zero, best_z)
+            consider(wmin * r, wmax * r)
+    if refine and not symmetric:
+        hi = best_hi.clone()
+        for r in ratios:
+            consider(wmin * r, hi)
+        lo = best_lo.clone()
+        for r in ratios:
+            consider(lo, wmax * r)
+    best_s, best_z = range_qparams(best_lo, best_hi, bits, symmetric)
+    g_idx = default_g_idx(W.shape[1], group_size, W.device)
     codes = quantize_grouped(W, best_s, best_z, bits, g_idx)
     return QuantResult(codes, best_s, best_z, g_idx, bits, group_size, symmetric)

@@ -2,8 +2,9 @@
 
 For each group of layers sharing an input x (q/k/v; o; gate/up; down):
 1. s = a^alpha with a = mean |x| per channel, and (duo_scaling, default) also s = a^alpha / (m^(1-alpha) + 1e-4)
-   with m the mean share of its group's range that each input channel's weights use; alpha from a grid on
-   [0, 1) (2 x n_grid points with duo scales) minimising the group's output
+   with m the mean share of its group's range that each input channel's weights use; (rms_scales, default)
+   the same again with a = sqrt(E[x^2]) per channel; alpha from a grid on [0, 1) (n_grid points per family:
+   4 x n_grid with both options) minimising the group's output
    error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 over every calibration token (through E[x x^T]);
 2. 1/s goes where it costs nothing at run time, found generically by probing the block in fp32:
    - the norm whose output IS x (a forward hook compares tensor identity): weight / s (LayerNorm bias too),
@@ -235,22 +236,26 @@ class AWQProcessor:
             for t, W in weights:
                 if gram_s is None:                       # min-max rounding of W diag(s)
                     W_hat = scaled_fake_quantize(W, s, t.bits, t.group_size, sym)
-                else:                                    # the clipped rounding quantize() will apply
-                    W_hat = self.quantize(W * s, gram_s, t).dequantize() / s
+                else:                                    # the clipped rounding quantize() will apply, on a
+                    W_hat = self.quantize(W * s, gram_s, t,  # coarser grid of clipping ratios
+                                          n_grid=self.config.clip_in_search_grid).dequantize() / s
                 E = W - W_hat                                                      # (out, in)
                 total += float(((E @ gram) * E).sum())
             return total
         wm = weight_channel_mean([W for _, W in weights], targets[0].group_size) if self.config.duo_scaling else None
-        best = awq_grid_search(act_mean, loss, self.config.n_grid, wm)
+        rms = gram.diagonal().clamp(min=0).sqrt() if self.config.rms_scales else None
+        best = awq_grid_search(act_mean, loss, self.config.n_grid, wm, rms)
         self.counts["duo" if best.duo else "plain"] += 1
+        self.counts[f"stat_{best.stat}"] += 1
         log.debug("AWQ %s: alpha=%.2f duo=%s loss=%.4g", targets[0].name, best.alpha, best.duo, min(best.losses))
         return best.scales
 
-    def quantize(self, Ws: Tensor, gram_s: Tensor, t: Target) -> QuantResult:
+    def quantize(self, Ws: Tensor, gram_s: Tensor, t: Target, n_grid: int = 20) -> QuantResult:
         """Clipping search (when enabled) and round-to-nearest of the scaled weight W diag(s)."""
         sym = self.config.symmetric
         if self.config.clip:
-            return awq_range_search(Ws, gram_s, t.bits, t.group_size, sym)
+            return awq_range_search(Ws, gram_s, t.bits, t.group_size, sym, n_grid=n_grid,
+                                    refine=self.config.clip_refine)
         g = t.group_size if t.group_size > 0 else Ws.shape[1]
         max_abs = Ws.abs().reshape(Ws.shape[0], -1, g).amax(-1)                    # no clipping
         return quantize_clipped(Ws, max_abs, t.bits, t.group_size, sym)
@@ -287,4 +292,5 @@ def apply_awq(model: nn.Module, config: AWQConfig, data: Tensor, runner: RunnerO
     return report("awq", proc.results, model, per_channel_fallback=fallback_count(config, plan),
                   rtn_fallback=rtn_n, groups_folded_into_norms=proc.counts["norm"],
                   groups_folded_into_linears=proc.counts["linear"],
-                  layers_with_input_scale=len(proc.input_scales), groups_with_duo_scales=proc.counts["duo"])
+                  layers_with_input_scale=len(proc.input_scales), groups_with_duo_scales=proc.counts["duo"],
+                  groups_with_rms_scales=proc.counts["stat_rms"])

@@ -180,14 +180,26 @@ class AWQConfig(IntQuantConfig):
     clip_in_search: bool = field(default=False, metadata={
         "help": "judge each alpha by the error after the clipping search rather than after min-max rounding "
                 "(21 candidate ranges rounded per alpha instead of one; much slower)"})
+    clip_in_search_grid: int = field(default=10, metadata={
+        "help": "with clip_in_search: the clipping ratios tried for each alpha are 1 - k/n down to 0.5 (10: "
+                "1, 0.9, ..., 0.5); the final clipping search of the chosen scales always uses n = 20"})
     true_sequential: bool = field(default=False, metadata={
         "help": "take each group's statistics from inputs the already-quantized groups of its block produce "
                 "(one partial pass per group instead of one pass per block)"})
+    rms_scales: bool = field(default=True, metadata={
+        "help": "search scales built on each input channel's root mean square too (sqrt E[x^2]), beside its "
+                "mean |x|, keeping whichever gives the least error (twice the grid points)"})
+    clip_refine: bool = field(default=False, metadata={
+        "help": "asymmetric clipping: after the search over ranges shrunk alike, move each end of every "
+                "group's range on its own (lower end, then upper end) while that lowers the output error"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.group_size == 0:
             raise ConfigError("AWQ needs group_size -1 (per channel) or g > 0 (e.g. 64), not 0 (per tensor)")
+        if not isinstance(self.clip_in_search_grid, int) or self.clip_in_search_grid < 1:
+            raise ConfigError(f"clip_in_search_grid must be a positive grid size (e.g. 10), "
+                              f"got {self.clip_in_search_grid!r}")
         if not isinstance(self.n_grid, int) or self.n_grid < 1:
             raise ConfigError(f"n_grid must be a positive number of grid points (e.g. 20), "
                               f"got {self.n_grid!r}")

@@ -237,6 +237,8 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
     unknown = [c for c in wanted if c not in cases]
     if unknown:
         sys.exit(f"bench: unknown case(s) {', '.join(unknown)}; known: {', '.join(cases)}")
+    if args.peer_only and args.no_peer:
+        sys.exit("bench: --peer-only and --no-peer exclude each other; give one of them")
     selected = wanted  # in the order given
     work = Path(tempfile.mkdtemp(prefix="slimlm-bench-"))
     path = P.RESULTS / f"{result_name}.json"
@@ -257,12 +259,21 @@ def suite_compress(args, family: str, cases: dict, result_name: str) -> None:
 def _run_cases(args, family: str, cases: dict, result_name: str, selected: list, work: Path, rows: dict) -> None:
     run = time.strftime("%Y-%m-%dT%H:%M:%S")   # rows measured in one invocation share this
     here = {**P.machine(), "threads": P.THREADS}   # and this: the file mixes runs, possibly on other CPUs
-    fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
-    _keep_earlier(rows, "fp32", run)
-    rows["fp32"] = {"tool": "reference", "run": run, "machine": here, **fp32}
-    _child(["reference-one", P.MODEL, str(P.QUICK_WINDOWS), str(work)])
+    if not args.peer_only:   # the peer evaluates its own model; slimlm's rows need the fp32 reference
+        fp32 = _child(["eval-one", P.MODEL, str(P.QUICK_WINDOWS), "--speed"])
+        _keep_earlier(rows, "fp32", run)
+        rows["fp32"] = {"tool": "reference", "run": run, "machine": here, **fp32}
+        _child(["reference-one", P.MODEL, str(P.QUICK_WINDOWS), str(work)])
     for name in selected:
         method, opts, peer_method, peer_opts = cases[name]
+        if args.peer_only:
+            if peer_method:
+                print(f"[{name}] llm-compressor {peer_method} {peer_opts}", flush=True)
+                peer = _peer(peer_method, peer_opts, work)
+                _keep_earlier(rows, f"{name}__llmcompressor", run)
+                rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", "run": run, "machine": here, **peer}
+                P.write_result(result_name, {"cases": selected}, {"rows": rows})
+            continue
         print(f"[{name}] slimlm {method} {opts}", flush=True)
         out_dir = str(work / name)
         try:
@@ -366,6 +377,9 @@ def main() -> None:
     for sp in (q, pr):
         sp.add_argument("--only", default="", help="comma-separated case names")
         sp.add_argument("--no-peer", action="store_true", help="skip the llm-compressor rows")
+        sp.add_argument("--peer-only", action="store_true",
+                        help="run only the llm-compressor rows of the cases (slimlm's rows stay as they are; "
+                             "wall-time ratios need both tools in one run, so none is written)")
         sp.add_argument("--peers", default=None, help="comma-separated cases whose llm-compressor rows run "
                         "(default: every case that has one); an earlier run's peer rows stay in the file")
         sp.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")

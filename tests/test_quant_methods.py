@@ -363,7 +363,7 @@ def test_awq_rms_scales_and_clip_refinement_change_the_result():
         assert not torch.equal(logits(m), logits(base)), kw
         if kw["rms_scales"]:
             assert report.get("groups_with_rms_scales", 0) > 0
-    assert AWQConfig().rms_scales and not AWQConfig().clip_refine    # the defaults
+    assert not AWQConfig().rms_scales and not AWQConfig().clip_refine    # the defaults
 
 
 def test_awq_refuses_dense_propagation():

@@ -186,7 +186,7 @@ class AWQConfig(IntQuantConfig):
     true_sequential: bool = field(default=False, metadata={
         "help": "take each group's statistics from inputs the already-quantized groups of its block produce "
                 "(one partial pass per group instead of one pass per block)"})
-    rms_scales: bool = field(default=True, metadata={
+    rms_scales: bool = field(default=False, metadata={
         "help": "search scales built on each input channel's root mean square too (sqrt E[x^2]), beside its "
                 "mean |x|, keeping whichever gives the least error (twice the grid points)"})
     clip_refine: bool = field(default=False, metadata={

@@ -178,8 +178,8 @@ class AWQConfig(IntQuantConfig):
         "help": "search the duo scales a^alpha / m^(1-alpha) too (m: the weights' mean share of their group's "
                 "range), keeping whichever of them and the plain a^alpha gives the least error"})
     clip_in_search: bool = field(default=False, metadata={
-        "help": "judge each alpha by the error after the clipping search rather than after min-max rounding "
-                "(21 candidate ranges rounded per alpha instead of one; much slower)"})
+        "help": "judge each alpha by the error after a clipping search rather than after min-max rounding "
+                "(11 candidate ranges rounded per alpha at clip_in_search_grid 10, instead of one; much slower)"})
     clip_in_search_grid: int = field(default=10, metadata={
         "help": "with clip_in_search: the clipping ratios tried for each alpha are 1 - k/n down to 0.5 (10: "
                 "1, 0.9, ..., 0.5); the final clipping search of the chosen scales always uses n = 20"})
@@ -190,8 +190,9 @@ class AWQConfig(IntQuantConfig):
         "help": "search scales built on each input channel's root mean square too (sqrt E[x^2]), beside its "
                 "mean |x|, keeping whichever gives the least error (twice the grid points)"})
     clip_refine: bool = field(default=False, metadata={
-        "help": "asymmetric clipping: after the search over ranges shrunk alike, move each end of every "
-                "group's range on its own (lower end, then upper end) while that lowers the output error"})
+        "help": "asymmetric clipping: after the search over ranges shrunk alike, try each end of every "
+                "group's range on its own (the lower end, then the upper end), keeping a move only when it "
+                "lowers the group's output error"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -127,9 +127,7 @@ def test_group_grams_are_the_diagonal_blocks(salient, group_size):
 @pytest.mark.parametrize("bits,group_size,symmetric", [(3, -1, False), (3, 32, False), (4, 32, True)])
 def test_range_search_never_worse_than_min_max(salient, bits, group_size, symmetric):
     W, X = salient
-    G = 1 if group_size < 0 else 128 // group_size
-    Xg = X.reshape(256, G, -1).transpose(0, 1)
-    gram = Xg.transpose(1, 2) @ Xg / 256
+    gram = group_grams(X.T @ X / 256, group_size)                 # checked against X_g^T X_g above
     res = awq_range_search(W, X.T @ X / 256, bits, group_size, symmetric)
     assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= max_code(bits)
     searched = group_output_error(W, res.dequantize(), gram, group_size)
@@ -144,12 +142,10 @@ def test_range_search_never_worse_than_min_max(salient, bits, group_size, symmet
 def test_range_search_never_worse_than_the_symmetric_clamp(salient, bits, group_size):
     W, X = salient
     W = W + 0.8 * W.abs()                    # lopsided groups: more room above zero than below
-    G = 1 if group_size < 0 else 128 // group_size
-    Xg = X.reshape(256, G, -1).transpose(0, 1)
-    gram = Xg.transpose(1, 2) @ Xg / 256
+    gram = group_grams(X.T @ X / 256, group_size)                 # checked against X_g^T X_g above
     ranged = group_output_error(W, awq_range_search(W, X.T @ X / 256, bits, group_size, False).dequantize(), gram, group_size)
     # the AWQ reference's clipping, by brute force: clamp to +-r max|w| for r = 1, 0.95, ..., 0.5, best per group
-    absmax = W.abs().reshape(64, G, -1).amax(-1)
+    absmax = W.abs().reshape(64, gram.shape[0], -1).amax(-1)
     clamped = torch.stack([group_output_error(W, quantize_clipped(W, absmax * (1 - k / 20), bits, group_size,
                                                                   False).dequantize(), gram, group_size)
                            for k in range(11)]).amin(0)
@@ -170,9 +166,7 @@ def test_scaled_fake_quantize_matches_the_grouped_codes(salient, bits, group_siz
 def test_range_refinement_never_worse_and_helps_lopsided_groups(salient, bits, group_size):
     W, X = salient
     W = W + 0.8 * W.abs()                    # lopsided groups: each end wants its own cut
-    G = 1 if group_size < 0 else 128 // group_size
-    Xg = X.reshape(256, G, -1).transpose(0, 1)
-    gram = Xg.transpose(1, 2) @ Xg / 256
+    gram = group_grams(X.T @ X / 256, group_size)                 # checked against X_g^T X_g above
     base = awq_range_search(W, X.T @ X / 256, bits, group_size, False)
     refined = awq_range_search(W, X.T @ X / 256, bits, group_size, False, refine=True)
     e_base = group_output_error(W, base.dequantize(), gram, group_size)

@@ -20,7 +20,6 @@ from ..errors import ConfigError
 from .quant import (
     QuantResult,
     default_g_idx,
-    dequantize_grouped,
     group_qparams,
     quantize_grouped,
     range_qparams,
@@ -96,12 +95,8 @@ def awq_grid_search(act_abs_mean: Tensor, loss_fn: Callable[[Tensor], float], n_
 def scaled_fake_quantize(W: Tensor, s: Tensor, bits: int, group_size: int, symmetric: bool) -> Tensor:
     """Q(W diag(s)) diag(s)^-1 (out, in): the effective weight AWQ scaling yields, for use in a loss_fn."""
     Ws = W.float() * s.unsqueeze(0)
-    if group_size == 0:
-        scale, zero = group_qparams(Ws, bits, symmetric, group_size)
-        Q = quantize_grouped(Ws, scale, zero, bits, group_size=group_size)
-        return dequantize_grouped(Q, scale, zero, group_size=group_size) / s.unsqueeze(0)
-    Wg = _grouped(Ws, group_size)                                              # (out, G, g)
-    scale, zero = range_qparams(Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0), bits, symmetric)
+    scale, zero = group_qparams(Ws, bits, symmetric, group_size)              # (out, G); per tensor: G = 1
+    Wg = Ws.reshape(Ws.shape[0], scale.shape[1], -1)                           # (out, G, g)
     return _fake_quant_grouped(Wg, scale, zero, bits).reshape(W.shape) / s.unsqueeze(0)
 
 

@@ -72,6 +72,12 @@ def _check_bits(bits: int, allowed: tuple[int, ...]) -> None:
         raise ConfigError(f"bits must be one of {', '.join(map(str, allowed))}, got {bits!r}")
 
 
+def _require_positive_int(name: str, value, what: str) -> None:
+    """ConfigError unless `value` is an int >= 1; `what` names the unit with an example."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive {what}, got {value!r}")
+
+
 @dataclass(kw_only=True)
 class LayerSelection:
     """Which layers a method quantizes (shared by every quantization config)."""
@@ -161,17 +167,15 @@ class GPTQConfig(IntQuantConfig):
         super().__post_init__()
         if not 0.0 <= self.damp < 1.0:
             raise ConfigError(f"damp must be in [0, 1) (typically 0.01), got {self.damp}")
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be a positive number of columns (e.g. 128), "
-                              f"got {self.block_size}")
+        _require_positive_int("block_size", self.block_size, "number of columns (e.g. 128)")
 
 
 @dataclass
 class AWQConfig(IntQuantConfig):
     """AWQ (Lin et al. 2023): activation-aware per-channel scaling and weight clipping, then rounding."""
     n_grid: int = field(default=20, metadata={
-        "help": "points of the grid search over the scaling exponent alpha in [0, 1) (per family: twice as many "
-                "with duo_scaling)"})
+        "help": "points of the grid search over the scaling exponent alpha in [0, 1), per family of scales "
+                "(twice as many with duo_scaling, twice again with rms_scales)"})
     clip: bool = field(default=True, metadata={
         "help": "search a clipping range per group minimising the output error (AWQ's weight clipping)"})
     duo_scaling: bool = field(default=True, metadata={
@@ -198,12 +202,8 @@ class AWQConfig(IntQuantConfig):
         super().__post_init__()
         if self.group_size == 0:
             raise ConfigError("AWQ needs group_size -1 (per channel) or g > 0 (e.g. 64), not 0 (per tensor)")
-        if not isinstance(self.clip_in_search_grid, int) or self.clip_in_search_grid < 1:
-            raise ConfigError(f"clip_in_search_grid must be a positive grid size (e.g. 10), "
-                              f"got {self.clip_in_search_grid!r}")
-        if not isinstance(self.n_grid, int) or self.n_grid < 1:
-            raise ConfigError(f"n_grid must be a positive number of grid points (e.g. 20), "
-                              f"got {self.n_grid!r}")
+        _require_positive_int("n_grid", self.n_grid, "number of grid points (e.g. 20)")
+        _require_positive_int("clip_in_search_grid", self.clip_in_search_grid, "grid size (e.g. 10)")
 
 
 @dataclass

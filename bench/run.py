@@ -131,7 +131,10 @@ def measure_compress(family: str, method: str, options: dict, out_dir: str) -> d
     from slimlm.configs import build_config
 
     torch.set_num_threads(P.THREADS)
+    from slimlm.calibration import RunnerOptions
+
     options = dict(options)
+    runner = RunnerOptions(progress=False, **options.pop("runner", {}))   # e.g. {"batch_size": 4}
     stages = [(family, method, options)]
     if "then" in options:
         stages.append(tuple(options.pop("then")))
@@ -143,7 +146,7 @@ def measure_compress(family: str, method: str, options: dict, out_dir: str) -> d
     for fam, meth, opts in stages:
         m = registry.get(fam, meth)
         config = build_config(m.config_cls, opts, meth)
-        report = getattr(api, fam)(model, config, data=windows if m.data_needed(config) else None)
+        report = getattr(api, fam)(model, config, data=windows if m.data_needed(config) else None, runner=runner)
     wall = time.perf_counter() - t0
     peak = M.peak_rss_bytes()
     with io.atomic_dir(out_dir, overwrite=True) as tmp:

@@ -273,7 +273,7 @@ def test_bad_magnitude_options(kwargs, words):
 
 @pytest.mark.parametrize("kwargs,words", [(dict(bits=5), "2, 3, 4, 8"), (dict(bits=4, group_size=0), "-1"),
                                           (dict(damp=-1.0), "damp"), (dict(block_size=0), "block_size"),
-                                          (dict(propagate="dense", true_sequential=True), "drop one of them"),
+                                          (dict(propagate="dense", true_sequential=True), "add true_sequential=false"),
                                           (dict(propagate="pruned"), "'compressed' or 'dense'")])
 def test_bad_sparsegpt_options(kwargs, words):
     with pytest.raises(ConfigError, match=words):

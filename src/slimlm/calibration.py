@@ -197,6 +197,8 @@ class RunnerOptions:
                                      # bf16 can make H indefinite (GPTQ then needs more damping)
     device: str = "cpu"
     progress: bool = True
+    staged: bool = True              # true-sequential on a Llama-like block in about one forward (run_staged)
+    stash_bf16: bool = True          # staged: keep the down_proj inputs between stages in bf16 (half the memory)
     propagate: str = "compressed"    # next block's inputs: outputs of the compressed block (a second forward
                                      # per block) or "dense": the statistics pass's own outputs (see above)
 
@@ -420,9 +422,153 @@ def return_freed_memory() -> None:
 _LIBC = None
 
 
+# ----------------------------------------------------------------------------------------------- staged blocks
+@dataclass
+class StagedLayout:
+    """A pre-norm block laid out as Llama's: out = r + mlp(ln2(r)), r = x + o_proj(attention(ln1(x))), whose
+    four groups of linear layers are [q, k, v], [o_proj], [gate, up], [down_proj] (Llama, Qwen2/3, Mistral, Phi-3
+    with its fused projections). Stages cut the block at the inputs of o_proj and of down_proj."""
+    ln2: nn.Module
+    mlp: nn.Module
+    o: LinearInfo
+    down: LinearInfo
+
+
+def staged_layout(block: nn.Module, groups: list[list[LinearInfo]]) -> StagedLayout | None:
+    """The block's StagedLayout if its modules and groups have that shape (checked on data by verify_staged)."""
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    ln1, ln2 = getattr(block, "input_layernorm", None), getattr(block, "post_attention_layernorm", None)
+    if None in (attn, mlp, ln1, ln2) or len(groups) != 4 or len(groups[1]) != 1 or len(groups[3]) != 1:
+        return None
+    in_attn, in_mlp = set(attn.modules()), set(mlp.modules())
+    if not (all(i.module in in_attn for i in groups[0] + groups[1])
+            and all(i.module in in_mlp for i in groups[2] + groups[3])):
+        return None
+    if groups[1][0].transposed or groups[3][0].transposed:
+        return None
+    return StagedLayout(ln2, mlp, groups[1][0], groups[3][0])
+
+
+def _input_of(ctx: BlockContext, run: Callable[[], object], module: nn.Module) -> Tensor:
+    """The input `module` receives when `run()` executes (stopped there: nothing after it runs)."""
+    seen = {}
+
+    def pre(_m, args):
+        seen["x"] = args[0]
+        raise _Stop
+    h = module.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad(), ctx.autocast():
+            run()
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if "x" not in seen:
+        raise RuntimeError(f"{type(module).__name__} was not called")
+    return seen["x"].detach()
+
+
+def _attention_input_of_o(ctx: BlockContext, lay: StagedLayout, b: int) -> Tensor:
+    return _input_of(ctx, lambda: ctx.block(ctx.inputs[b], *ctx.args[b], **ctx.kwargs[b]), lay.o.module)
+
+
+def _residual_attention(ctx: BlockContext, lay: StagedLayout, x: Tensor, z: Tensor) -> Tensor:
+    with torch.no_grad(), ctx.autocast():
+        return (x + lay.o.module(z)).to(x.dtype)
+
+
+def _mlp_input_of_down(ctx: BlockContext, lay: StagedLayout, r: Tensor) -> Tensor:
+    return _input_of(ctx, lambda: lay.mlp(lay.ln2(r)), lay.down.module)
+
+
+def _residual_mlp(ctx: BlockContext, lay: StagedLayout, r: Tensor, m: Tensor) -> Tensor:
+    with torch.no_grad(), ctx.autocast():
+        return (r + lay.down.module(m.to(r.dtype))).to(r.dtype)
+
+
+def verify_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInfo]], out0: Tensor) -> bool:
+    """Whether the staged arithmetic reproduces the block on batch 0 (weights untouched so far): its output,
+    and the input the gate/up group really receives. Any mismatch or error: run the block unstaged."""
+    tol = 1e-4 if ctx.autocast is contextlib.nullcontext else 1e-2
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        a, b = a.float(), b.float()
+        return a.shape == b.shape and bool((a - b).norm() <= tol * b.norm() + 1e-12)
+    try:
+        x = ctx.inputs[0]
+        z = _attention_input_of_o(ctx, lay, 0)
+        r = _residual_attention(ctx, lay, x, z)
+        gate_in = _input_of(ctx, lambda: ctx.block(x, *ctx.args[0], **ctx.kwargs[0]), groups[2][0].module)
+        with torch.no_grad(), ctx.autocast():
+            ok = close(lay.ln2(r), gate_in)
+        out = _residual_mlp(ctx, lay, r, _mlp_input_of_down(ctx, lay, r))
+        ok = ok and close(out, out0)
+    except Exception as e:  # noqa: BLE001 - any failure means "not this layout": fall back, do not fail
+        log.info("staged passes do not apply to %s (%s): one partial pass per group", type(ctx.block).__name__, e)
+        return False
+    if not ok:
+        log.info("staged passes do not reproduce %s: one partial pass per group", type(ctx.block).__name__)
+    return ok
+
+
+def run_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInfo]], processor: Processor,
+               needs: frozenset, opts: RunnerOptions, first: FirstBatch, propagate: bool) -> None:
+    """True-sequential processing of one block in about one forward pass: each linear layer runs once, with
+    its final weights, on inputs produced by the groups already rewritten.
+    1. q/k/v: statistics of the block's input up to q_proj (the input norm; batch 0 from discovery);
+    2. o_proj: the attention output z of every batch is kept (the block run up to o_proj);
+    3. gate/up: r = x + o_proj(z) replaces x; statistics of ln2(r); z is freed;
+    4. down: m, the input of down_proj, is kept (in bf16 with opts.stash_bf16; statistics in full precision);
+    5. the block's output r + down_proj(m) replaces r (not for the last block).
+    Equal to the generic true-sequential passes up to the bf16 rounding of m in step 5."""
+    n = len(ctx.inputs)
+
+    def stats_of(xs: Callable[[int], Tensor], start: int = 0, seed: LinearStats | None = None) -> LinearStats:
+        st = seed or LinearStats()
+        for b in range(start, n):
+            st.add(xs(b), needs, opts.fast_stats)
+        st.finalize()
+        return st
+
+    def process(g: list[LinearInfo], st: LinearStats) -> None:
+        processor.process(ctx, [(info, st) for info in g])
+
+    def block_in(b: int) -> Tensor:
+        return _input_of(ctx, lambda: ctx.block(ctx.inputs[b], *ctx.args[b], **ctx.kwargs[b]), groups[0][0].module)
+    process(groups[0], stats_of(block_in, start=1, seed=first.stats[0]))   # batch 0: seen by discovery
+
+    z: list[Tensor | None] = [None] * n
+
+    def attn_out(b: int) -> Tensor:
+        z[b] = _attention_input_of_o(ctx, lay, b)
+        return z[b]
+    process(groups[1], stats_of(attn_out))
+
+    def residual(b: int) -> Tensor:
+        ctx.inputs[b] = _residual_attention(ctx, lay, ctx.inputs[b], z[b])
+        z[b] = None
+        return _input_of(ctx, lambda: lay.mlp(lay.ln2(ctx.inputs[b])), groups[2][0].module)
+    process(groups[2], stats_of(residual))   # every z[b] is freed by now
+
+    m: list[Tensor | None] = [None] * n
+
+    def mlp_in(b: int) -> Tensor:
+        x = _mlp_input_of_down(ctx, lay, ctx.inputs[b])
+        if propagate:
+            m[b] = x.to(torch.bfloat16) if opts.stash_bf16 else x
+        return x
+    process(groups[3], stats_of(mlp_in))
+    if propagate:
+        for b in range(n):
+            ctx.inputs[b] = _residual_mlp(ctx, lay, ctx.inputs[b], m[b])
+            m[b] = None
+
+
 def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
-                  opts: RunnerOptions | None = None) -> None:
-    """Apply `processor` to every block of `model`, block by block, on calibration `windows` (N, L)."""
+                  opts: RunnerOptions | None = None) -> int:
+    """Apply `processor` to every block of `model`, block by block, on calibration `windows` (N, L); returns
+    how many blocks ran staged (run_staged)."""
     from tqdm.auto import tqdm
 
     opts = opts or RunnerOptions()
@@ -446,6 +592,8 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
     try:
         cap = capture_block_inputs(model, blocks, windows, opts)
         inputs = cap.inputs
+        staged_ok = None       # whether the staged passes reproduce this model's blocks (verified once)
+        n_staged = 0
         for i in tqdm(range(len(blocks)), desc="blocks", disable=not opts.progress, leave=False):
             block = blocks[i]
             home = next(block.parameters()).device
@@ -455,8 +603,21 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
             dense = opts.propagate == "dense" and i + 1 < len(blocks)   # the last block's outputs go nowhere
             # batch 0 is seen by discovery with the weights of now: every group's in one pass; in true-
             # sequential order only the first group's (later groups' inputs depend on the groups rewritten since)
+            staged = opts.staged and processor.sequential and not getattr(processor, "reads_inputs", False)
             groups, first = discover_groups(ctx, needs, opts.fast_stats,
-                                            stat_groups=1 if processor.sequential else None, keep_output=dense)
+                                            stat_groups=1 if processor.sequential else None,
+                                            keep_output=dense or (staged and staged_ok is None))
+            lay = staged_layout(block, groups) if staged and staged_ok is not False and first is not None else None
+            if lay is not None and staged_ok is None:   # checked once, on the first block, before any rewrite
+                staged_ok = verify_staged(ctx, lay, groups, first.output)
+                first.output = None
+            if lay is not None and staged_ok:
+                run_staged(ctx, lay, groups, processor, needs, opts, first, propagate=i + 1 < len(blocks))
+                n_staged += 1
+                first = None
+                block.to(home)
+                return_freed_memory()
+                continue
             if processor.sequential:
                 for k, g in enumerate(groups):
                     st = _collect(ctx, [g], needs, opts, first=first if k == 0 else None)[0]
@@ -473,6 +634,7 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
                 inputs[b] = ctx.forward(batches=[b])[0]
             block.to(home)
             return_freed_memory()
+        return n_staged
     finally:
         if cache_flag is not None:
             model.config.use_cache = cache_flag

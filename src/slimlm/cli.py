@@ -200,8 +200,9 @@ def _family_command(family: str, verb: str):
         click.Option(["--overwrite"], is_flag=True, help="replace an existing output folder"),
         click.Option(["--batch-size"], default=8, show_default=True, type=int, help="windows per calibration pass"),
         click.Option(["--precise"], is_flag=True,
-                     help="fp32 calibration passes (default: bf16 passes with fp32 statistics where the CPU or "
-                     "GPU computes bf16 natively, fp32 elsewhere)"),
+                     help="fp32 calibration passes and activations kept in fp32 between the stages of a block "
+                     "(default: bf16 passes with fp32 statistics where the CPU or GPU computes bf16 natively, fp32 "
+                     "elsewhere; down_proj inputs kept in bf16)"),
         click.Option(["--threads"], type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)"),
         click.Option(["--trust-remote-code"], is_flag=True, help="allow a model folder's own Python code to run"),
     ]
@@ -235,7 +236,8 @@ def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
         from . import data as D
         D.check_context(model, kw["seqlen"])
         windows = api.calibration_data(tok, kw["data"], samples=kw["samples"], seqlen=kw["seqlen"], field=kw["field"])
-    runner = RunnerOptions(batch_size=kw["batch_size"], fast=False if kw["precise"] else None)
+    runner = RunnerOptions(batch_size=kw["batch_size"], fast=False if kw["precise"] else None,
+                           stash_bf16=not kw["precise"])
     t0 = time.perf_counter()
     report = getattr(api, family)(model, config, data=windows, runner=runner)
     seconds = time.perf_counter() - t0

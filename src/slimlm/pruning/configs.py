@@ -205,9 +205,11 @@ class SparseGPTConfig(CalibratedPruneConfig):
         "help": "with bits: input columns per quantization group (must divide the layers' inputs, e.g. 32, 64, "
                 "128; default 128), -1 = per output channel"})
     symmetric: bool = field(default=False, metadata={"help": "with bits: symmetric grid (zero point 2^(b-1)); default false"})
-    true_sequential: bool = field(default=False, metadata={
+    true_sequential: bool | None = field(default=None, metadata={
         "help": "prune the layers of a block in order, each on the outputs of the layers already pruned (q/k/v, "
-                "o, gate/up, down); GPTQ measured about a third more time that way; default false (one statistics pass per block)"})
+                "o, gate/up, down): on Llama-like blocks in about one forward pass per block (staged), elsewhere "
+                "one partial pass per group; false: one statistics pass per block, as llm-compressor, and a "
+                "second pass to propagate; default: true, false with propagate=dense"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -220,9 +222,11 @@ class SparseGPTConfig(CalibratedPruneConfig):
                               f"linear layer stores) or none, got {self.bits}")
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"group_size must be positive (e.g. 64) or -1 for per channel, got {self.group_size}")
+        if self.true_sequential is None:
+            self.true_sequential = self.propagate != "dense"
         if self.propagate == "dense" and self.true_sequential:
             raise ConfigError("propagate=dense collects each block's statistics in one pass and cannot combine "
-                              "with true_sequential; drop one of them")
+                              "with true_sequential; add true_sequential=false")
 
     def quant(self) -> tuple[int, int, bool] | None:
         """(bits, group_size, symmetric) for core.sparsegpt, or None without joint quantization."""

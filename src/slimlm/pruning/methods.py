@@ -225,12 +225,13 @@ def _run(model: nn.Module, data: Tensor | None, plan: dict[str, Target], fn: Lay
     # "compressed" is both sides' default: a "dense" asked on either the config or the runner holds
     propagate = "dense" if "dense" in (propagate, runner.propagate) else "compressed"
     runner = dataclasses.replace(runner, propagate=propagate)
-    run_layerwise(model, _windows(data, method), proc, runner)
+    staged = run_layerwise(model, _windows(data, method), proc, runner)
     missed = [n for n in plan if n not in proc.done]
     if missed:
         log.warning("%d target layers never ran in a forward pass and were left dense: %s", len(missed),
                     ", ".join(missed[:5]))
-    return proc.masks, ({"never_called": missed} if missed else {}) | {"propagate": propagate}
+    return proc.masks, ({"never_called": missed} if missed else {}) | {
+        "propagate": propagate, "true_sequential": sequential, "staged_blocks": staged}
 
 
 def _wanda_layer(ctx: BlockContext, info: LinearInfo, stats: LinearStats, spec: Spec) -> Tensor | None:

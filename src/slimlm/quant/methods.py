@@ -105,12 +105,11 @@ class GPTQProcessor:
 def apply_gptq(model: nn.Module, config: GPTQConfig, data: Tensor, runner: RunnerOptions) -> dict:
     plan = plan_targets(model, config)
     proc = GPTQProcessor(config, plan)
-    if any(t.in_block for t in plan.values()):
-        run_layerwise(model, data, proc, runner)
+    staged = run_layerwise(model, data, proc, runner) if any(t.in_block for t in plan.values()) else 0
     rtn_n = quantize_rest(plan, config, proc.results)
     swap_in(model, proc.results, "gptq")
     return report("gptq", proc.results, model, per_channel_fallback=fallback_count(config, plan),
-                  rtn_fallback=rtn_n)
+                  rtn_fallback=rtn_n, true_sequential=config.true_sequential, staged_blocks=staged)
 
 
 # Further methods register themselves on import (the registry imports only this module).

@@ -121,9 +121,17 @@ def test_sparsegpt_closer_to_dense_than_magnitude(arch, sparsity):
 def test_sparsegpt_sequential_or_one_pass_both_prune_exactly(sequential):
     dense = tiny_model("llama")
     model = copy.deepcopy(dense)
-    prune(model, SparseGPTConfig(sparsity="0.5", true_sequential=sequential), data=random_windows(16, 32))
+    rep = prune(model, SparseGPTConfig(sparsity="0.5", true_sequential=sequential), data=random_windows(16, 32))
     for name, info in block_linears(model).items():
         check_pattern(info.weight(), model.slimlm_masks[name], "sparsegpt", "0.5")
+    # true-sequential runs staged on Llama's blocks; the one-pass order has no stages
+    assert rep["true_sequential"] is sequential
+    assert rep["staged_blocks"] == (model.config.num_hidden_layers if sequential else 0)
+
+
+def test_sparsegpt_is_true_sequential_by_default_except_with_dense_propagation():
+    assert SparseGPTConfig(sparsity="0.5").true_sequential is True
+    assert SparseGPTConfig(sparsity="0.5", propagate="dense").true_sequential is False
 
 
 @pytest.mark.parametrize("method,sparsity", [("wanda", "2:4"), ("sparsegpt", "0.5")])

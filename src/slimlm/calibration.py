@@ -8,9 +8,16 @@ Calibration windows go through the model one decoder block at a time:
    accumulates the statistics the method asks for (X^T X Hessian, per-channel sums of x^2 and |x|),
    stopping the block as soon as the group's inputs are seen; the method then
    rewrites the group's weights. With `sequential=True` ("true-sequential") each group sees inputs produced
-   by the already-processed groups; otherwise one pass collects every group's statistics;
+   by the already-processed groups; otherwise one pass collects every group's statistics.
+   On a Llama-like block (pre-norm attention then MLP, groups q/k/v, o, gate/up, down) true-sequential
+   processing runs staged instead (run_staged): the inputs of o_proj and of down_proj are kept between
+   stages, so every linear layer runs once per batch, with its final weights, and the block's output comes
+   out of the last stage: about one forward per block instead of about two and a half. It is checked once,
+   on the first block's first batch, against the block's own forward, and falls back to the passes above
+   where the arithmetic differs (Gemma's extra norms, GPT-2, OPT);
 3. the block runs once more to produce the (now compressed) inputs of the next block (each batch's output
-   replacing its input; not after the last block), and freed heap pages are returned to the system.
+   replacing its input; not after the last block, nor after a staged block, whose last stage produced them),
+   and freed heap pages are returned to the system.
    With `propagate="dense"` the statistics pass runs each block to its end instead and its (uncompressed)
    outputs become the next block's inputs: one forward per block instead of about two, so every block is
    calibrated on the dense model's activations (llm-compressor's `propagate_error=False`). Methods that
@@ -190,7 +197,7 @@ class Processor(Protocol):
 # ----------------------------------------------------------------------------------------------- the runner
 @dataclass
 class RunnerOptions:
-    batch_size: int = 8              # windows per forward pass
+    batch_size: int = 4              # windows per forward pass (Wanda 50%: 8 peaked 280-380 MB higher, no faster)
     fast: bool | None = None         # bf16 autocast forwards (statistics still accumulate in fp32); None:
                                      # where the device multiplies bf16 natively (hardware.native_bf16)
     fast_stats: bool = False         # X^T X products in bf16 too: ~4x faster, but rounding each product to
@@ -513,10 +520,10 @@ def verify_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[Linear
 
 
 def run_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInfo]], processor: Processor,
-               needs: frozenset, opts: RunnerOptions, first: FirstBatch, propagate: bool) -> None:
+               needs: frozenset, opts: RunnerOptions, first: FirstBatch | None, propagate: bool) -> None:
     """True-sequential processing of one block in about one forward pass: each linear layer runs once, with
     its final weights, on inputs produced by the groups already rewritten.
-    1. q/k/v: statistics of the block's input up to q_proj (the input norm; batch 0 from discovery);
+    1. q/k/v: statistics of the block's input up to q_proj (the input norm; batch 0 from discovery where it ran);
     2. o_proj: the attention output z of every batch is kept (the block run up to o_proj);
     3. gate/up: r = x + o_proj(z) replaces x; statistics of ln2(r); z is freed;
     4. down: m, the input of down_proj, is kept (in bf16 with opts.stash_bf16; statistics in full precision);
@@ -536,7 +543,10 @@ def run_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInf
 
     def block_in(b: int) -> Tensor:
         return _input_of(ctx, lambda: ctx.block(ctx.inputs[b], *ctx.args[b], **ctx.kwargs[b]), groups[0][0].module)
-    process(groups[0], stats_of(block_in, start=1, seed=first.stats[0]))   # batch 0: seen by discovery
+    if first is not None:   # batch 0 was seen by discovery
+        process(groups[0], stats_of(block_in, start=1, seed=first.stats[0]))
+    else:
+        process(groups[0], stats_of(block_in))
 
     z: list[Tensor | None] = [None] * n
 
@@ -593,6 +603,7 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
         cap = capture_block_inputs(model, blocks, windows, opts)
         inputs = cap.inputs
         staged_ok = None       # whether the staged passes reproduce this model's blocks (verified once)
+        staged_names = None    # the verified block's groups, as names inside the block: later blocks skip discovery
         n_staged = 0
         for i in tqdm(range(len(blocks)), desc="blocks", disable=not opts.progress, leave=False):
             block = blocks[i]
@@ -604,13 +615,22 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
             # batch 0 is seen by discovery with the weights of now: every group's in one pass; in true-
             # sequential order only the first group's (later groups' inputs depend on the groups rewritten since)
             staged = opts.staged and processor.sequential and not getattr(processor, "reads_inputs", False)
-            groups, first = discover_groups(ctx, needs, opts.fast_stats,
-                                            stat_groups=1 if processor.sequential else None,
-                                            keep_output=dense or (staged and staged_ok is None))
-            lay = staged_layout(block, groups) if staged and staged_ok is not False and first is not None else None
+            lay = None
+            if staged and staged_ok and staged_names:   # blocks of one class: the verified block's groups
+                groups = [[LinearInfo(f"{ctx.prefix}.{r}", block.get_submodule(r)) for r in g] for g in staged_names]
+                first = None
+                lay = staged_layout(block, groups)
+            if lay is None:
+                groups, first = discover_groups(ctx, needs, opts.fast_stats,
+                                                stat_groups=1 if processor.sequential else None,
+                                                keep_output=dense or (staged and staged_ok is None))
+                if staged and staged_ok is not False and first is not None:
+                    lay = staged_layout(block, groups)
             if lay is not None and staged_ok is None:   # checked once, on the first block, before any rewrite
                 staged_ok = verify_staged(ctx, lay, groups, first.output)
                 first.output = None
+                skip = len(ctx.prefix) + 1
+                staged_names = [[info.name[skip:] for info in g] for g in groups] if staged_ok else None
             if lay is not None and staged_ok:
                 run_staged(ctx, lay, groups, processor, needs, opts, first, propagate=i + 1 < len(blocks))
                 n_staged += 1

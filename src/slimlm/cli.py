@@ -198,7 +198,7 @@ def _family_command(family: str, verb: str):
         click.Option(["--seqlen"], default=512, show_default=True, type=int, help="tokens per calibration window"),
         click.Option(["--output"], required=True, help="output folder (written only when complete)"),
         click.Option(["--overwrite"], is_flag=True, help="replace an existing output folder"),
-        click.Option(["--batch-size"], default=8, show_default=True, type=int, help="windows per calibration pass"),
+        click.Option(["--batch-size"], default=4, show_default=True, type=int, help="windows per calibration pass"),
         click.Option(["--precise"], is_flag=True,
                      help="fp32 calibration passes and activations kept in fp32 between the stages of a block "
                      "(default: bf16 passes with fp32 statistics where the CPU or GPU computes bf16 natively, fp32 "

@@ -158,10 +158,11 @@ class GPTQConfig(IntQuantConfig):
     range_search: bool = field(default=True, metadata={
         "help": "with static groups or per channel: shrink each group's range by the factor (grid of 20, up to "
                 "20 percent) that minimises its Hessian-diagonal-weighted rounding error; default true"})
-    true_sequential: bool = field(default=False, metadata={
+    true_sequential: bool = field(default=True, metadata={
         "help": "quantize the layers of a block in order, each calibrated on the outputs of the layers "
-                "already quantized (q/k/v, then o, then gate/up, then down); costs about a third more time; "
-                "default false (one statistics pass per block, as llm-compressor)"})
+                "already quantized (q/k/v, then o, then gate/up, then down): on Llama-like blocks in about one "
+                "forward pass per block (staged), elsewhere one partial pass per group; default true (false: "
+                "one statistics pass per block, as llm-compressor, and a second pass to propagate)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

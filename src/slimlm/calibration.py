@@ -433,7 +433,7 @@ _LIBC = None
 @dataclass
 class StagedLayout:
     """A pre-norm block laid out as Llama's: out = r + mlp(ln2(r)), r = x + o_proj(attention(ln1(x))), whose
-    four groups of linear layers are [q, k, v], [o_proj], [gate, up], [down_proj] (Llama, Qwen2/3, Mistral, Phi-3
+    four groups of linear layers are [q, k, v], [o_proj], [gate, up], [down_proj] (tested: Llama, Qwen2, Mistral, Phi-3
     with its fused projections). Stages cut the block at the inputs of o_proj and of down_proj."""
     ln2: nn.Module
     mlp: nn.Module

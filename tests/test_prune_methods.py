@@ -202,6 +202,24 @@ def test_joint_quantization_keeps_pruned_at_zero(arch, sparsity, bits, group_siz
         assert torch.isfinite(model(input_ids=held_out).logits).all()
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_staged_sparsegpt_equals_the_generic_true_sequential_passes(bits):
+    """Regression: joint SparseGPT swaps quantized layers into the block while it runs; the staged passes must
+    propagate through the layers now in place (they once called the replaced float o_proj and down_proj)."""
+    models_ = {}
+    for staged in (True, False):
+        model = tiny_model("llama")
+        api.prune(model, SparseGPTConfig(sparsity="0.5", bits=bits, group_size=32), data=random_windows(16, 32),
+                  runner=RunnerOptions(progress=False, fast=False, staged=staged, stash_bf16=False))
+        models_[staged] = model
+    held_out = random_windows(4, 32, seed=1)
+    with torch.no_grad():
+        a, b = (models_[k](input_ids=held_out).logits for k in (True, False))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for name, mask in models_[False].slimlm_masks.items():
+        assert torch.equal(models_[True].slimlm_masks[name], mask), name
+
+
 # ------------------------------------------------------------------------------------------ schedules
 def test_linear_schedule_rises_with_depth():
     model = tiny_model("llama")

@@ -476,13 +476,19 @@ def _input_of(ctx: BlockContext, run: Callable[[], object], module: nn.Module) -
     return seen["x"].detach()
 
 
+def _current(ctx: BlockContext, info: LinearInfo) -> nn.Module:
+    """The module now at info's place in the block: a method may have swapped in a new one (joint SparseGPT's
+    quantized layers) since the groups were found."""
+    return ctx.block.get_submodule(info.name[len(ctx.prefix) + 1:])
+
+
 def _attention_input_of_o(ctx: BlockContext, lay: StagedLayout, b: int) -> Tensor:
     return _input_of(ctx, lambda: ctx.block(ctx.inputs[b], *ctx.args[b], **ctx.kwargs[b]), lay.o.module)
 
 
 def _residual_attention(ctx: BlockContext, lay: StagedLayout, x: Tensor, z: Tensor) -> Tensor:
     with torch.no_grad(), ctx.autocast():
-        return (x + lay.o.module(z)).to(x.dtype)
+        return (x + _current(ctx, lay.o)(z)).to(x.dtype)
 
 
 def _mlp_input_of_down(ctx: BlockContext, lay: StagedLayout, r: Tensor) -> Tensor:
@@ -491,7 +497,7 @@ def _mlp_input_of_down(ctx: BlockContext, lay: StagedLayout, r: Tensor) -> Tenso
 
 def _residual_mlp(ctx: BlockContext, lay: StagedLayout, r: Tensor, m: Tensor) -> Tensor:
     with torch.no_grad(), ctx.autocast():
-        return (r + lay.down.module(m.to(r.dtype))).to(r.dtype)
+        return (r + _current(ctx, lay.down)(m.to(r.dtype))).to(r.dtype)
 
 
 def verify_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInfo]], out0: Tensor) -> bool:

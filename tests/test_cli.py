@@ -64,3 +64,16 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slimlm.cli", "eval", "--model", str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("slimlm: error:")
+
+
+def test_demo_makes_its_output_parent_before_any_work(monkeypatch, tmp_path):
+    """Regression: in a fresh clone out/ does not exist; the demo failed on it only after quantizing."""
+    from slimlm import models
+
+    def stop(*_a, **_k):
+        raise RuntimeError("stopped before loading")
+    monkeypatch.setattr(models, "load_model", stop)
+    target = tmp_path / "out" / "nested" / "demo-model"
+    with pytest.raises(RuntimeError, match="stopped before loading"):
+        main(["demo", "--output", str(target)])
+    assert target.parent.is_dir() and not target.exists()

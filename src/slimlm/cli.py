@@ -147,6 +147,10 @@ def demo_cmd(output, samples, windows, threads):
     from .calibration import RunnerOptions
 
     _setup(threads)
+    # the demo's own output folder: its parent (out/ by default, absent in a fresh clone) is made here, and
+    # the output is checked before any work rather than after the quantization
+    Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    io.check_output_dir(output, overwrite=True)
     corpora = Path(__file__).resolve().parents[3] / "shared" / "corpora"
     calib = str(corpora / "austen_prideprejudice.txt") if corpora.is_dir() else "python-docs"
     evald = str(corpora / "austen_persuasion.txt") if corpora.is_dir() else "python-docs"

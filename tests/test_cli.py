@@ -77,3 +77,4 @@ def test_demo_makes_its_output_parent_before_any_work(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stopped before loading"):
         main(["demo", "--output", str(target)])
     assert target.parent.is_dir() and not target.exists()
+

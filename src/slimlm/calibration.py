@@ -482,8 +482,9 @@ def _current(ctx: BlockContext, info: LinearInfo) -> nn.Module:
     return ctx.block.get_submodule(info.name[len(ctx.prefix) + 1:])
 
 
-def _attention_input_of_o(ctx: BlockContext, lay: StagedLayout, b: int) -> Tensor:
-    return _input_of(ctx, lambda: ctx.block(ctx.inputs[b], *ctx.args[b], **ctx.kwargs[b]), lay.o.module)
+def _block_input_of(ctx: BlockContext, b: int, module: nn.Module) -> Tensor:
+    """What `module` receives when the block runs on batch b (stopped there)."""
+    return _input_of(ctx, lambda: ctx.forward(batches=[b]), module)
 
 
 def _residual_attention(ctx: BlockContext, lay: StagedLayout, x: Tensor, z: Tensor) -> Tensor:
@@ -492,7 +493,7 @@ def _residual_attention(ctx: BlockContext, lay: StagedLayout, x: Tensor, z: Tens
 
 
 def _mlp_input_of_down(ctx: BlockContext, lay: StagedLayout, r: Tensor) -> Tensor:
-    return _input_of(ctx, lambda: lay.mlp(lay.ln2(r)), lay.down.module)
+    return _input_of(ctx, lambda: lay.mlp(lay.ln2(r)), _current(ctx, lay.down))
 
 
 def _residual_mlp(ctx: BlockContext, lay: StagedLayout, r: Tensor, m: Tensor) -> Tensor:
@@ -510,9 +511,9 @@ def verify_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[Linear
         return a.shape == b.shape and bool((a - b).norm() <= tol * b.norm() + 1e-12)
     try:
         x = ctx.inputs[0]
-        z = _attention_input_of_o(ctx, lay, 0)
+        z = _block_input_of(ctx, 0, _current(ctx, lay.o))
         r = _residual_attention(ctx, lay, x, z)
-        gate_in = _input_of(ctx, lambda: ctx.block(x, *ctx.args[0], **ctx.kwargs[0]), groups[2][0].module)
+        gate_in = _block_input_of(ctx, 0, groups[2][0].module)
         with torch.no_grad(), ctx.autocast():
             ok = close(lay.ln2(r), gate_in)
         out = _residual_mlp(ctx, lay, r, _mlp_input_of_down(ctx, lay, r))
@@ -548,7 +549,7 @@ def run_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInf
         processor.process(ctx, [(info, st) for info in g])
 
     def block_in(b: int) -> Tensor:
-        return _input_of(ctx, lambda: ctx.block(ctx.inputs[b], *ctx.args[b], **ctx.kwargs[b]), groups[0][0].module)
+        return _block_input_of(ctx, b, groups[0][0].module)
     if first is not None:   # batch 0 was seen by discovery
         process(groups[0], stats_of(block_in, start=1, seed=first.stats[0]))
     else:
@@ -557,7 +558,7 @@ def run_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInf
     z: list[Tensor | None] = [None] * n
 
     def attn_out(b: int) -> Tensor:
-        z[b] = _attention_input_of_o(ctx, lay, b)
+        z[b] = _block_input_of(ctx, b, _current(ctx, lay.o))
         return z[b]
     process(groups[1], stats_of(attn_out))
 
@@ -622,7 +623,7 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
             # sequential order only the first group's (later groups' inputs depend on the groups rewritten since)
             staged = opts.staged and processor.sequential and not getattr(processor, "reads_inputs", False)
             lay = None
-            if staged and staged_ok and staged_names:   # blocks of one class: the verified block's groups
+            if staged and staged_names:   # set once verified; blocks of one class: the verified block's groups
                 groups = [[LinearInfo(f"{ctx.prefix}.{r}", block.get_submodule(r)) for r in g] for g in staged_names]
                 first = None
                 lay = staged_layout(block, groups)

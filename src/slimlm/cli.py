@@ -178,6 +178,7 @@ def demo_cmd(output, samples, windows, threads):
 def _family_command(family: str, verb: str):
     """`slimlm quantize` / `slimlm prune`: options are the union of every registered config's fields."""
     from . import registry
+    from .calibration import RunnerOptions
     from .configs import field_help, option_name
 
     table = registry.methods(family)
@@ -202,7 +203,8 @@ def _family_command(family: str, verb: str):
         click.Option(["--seqlen"], default=512, show_default=True, type=int, help="tokens per calibration window"),
         click.Option(["--output"], required=True, help="output folder (written only when complete)"),
         click.Option(["--overwrite"], is_flag=True, help="replace an existing output folder"),
-        click.Option(["--batch-size"], default=4, show_default=True, type=int, help="windows per calibration pass"),
+        click.Option(["--batch-size"], default=RunnerOptions.batch_size, show_default=True, type=int,
+                     help="windows per calibration pass"),
         click.Option(["--precise"], is_flag=True,
                      help="fp32 calibration passes and activations kept in fp32 between the stages of a block "
                      "(default: bf16 passes with fp32 statistics where the CPU or GPU computes bf16 natively, fp32 "

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..calibration import find_blocks, is_linear
+from ..calibration import RunnerOptions, find_blocks, is_linear
 from ..core import structured as S
 from ..errors import ConfigError, SlimlmError
 from ..registry import register
@@ -398,7 +398,7 @@ def apply_selection(model: nn.Module, sel: Selection) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the method
-def select(model: nn.Module, config: StructuredConfig, data=None, batch_size: int = 4) -> Selection:
+def select(model: nn.Module, config: StructuredConfig, data=None, batch_size: int = RunnerOptions.batch_size) -> Selection:
     """Score the units and choose what survives; the model is not changed."""
     cfg, arch = _text_config(model), type(model).__name__
     if getattr(cfg, "slimlm_structured", None):
@@ -430,7 +430,7 @@ def select(model: nn.Module, config: StructuredConfig, data=None, batch_size: in
     return Selection(kept, [S.keep_top(g, n) for g, n in zip(gs, ng)], [S.keep_top(c, n) for c, n in zip(cs, nc)])
 
 
-def prune_structured(model: nn.Module, config: StructuredConfig, data=None, batch_size: int = 4) -> dict:
+def prune_structured(model: nn.Module, config: StructuredConfig, data=None, batch_size: int = RunnerOptions.batch_size) -> dict:
     """Remove heads (in KV groups), MLP channels and layers in place; returns a report."""
     before, n_layers = sum(p.numel() for p in model.parameters()), len(find_layers(model))
     sel = select(model, config, data, batch_size)
@@ -451,7 +451,7 @@ def prune_structured(model: nn.Module, config: StructuredConfig, data=None, batc
 @register("prune", "structured", StructuredConfig, needs_data=lambda c: c.importance != "magnitude",
           help="remove whole KV head groups, MLP channels and layers (LLM-Pruner)")
 def apply(model: nn.Module, config: StructuredConfig, data=None, runner=None) -> dict:
-    return prune_structured(model, config, data, batch_size=getattr(runner, "batch_size", 4))
+    return prune_structured(model, config, data, batch_size=getattr(runner, "batch_size", RunnerOptions.batch_size))
 
 
 # ------------------------------------------------------------------------------------------------ loading

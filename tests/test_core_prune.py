@@ -9,6 +9,7 @@ from slimlm.core.prune import (
     magnitude_mask,
     nm_mask,
     parse_sparsity,
+    prune_smallest,
     wanda_mask,
     wanda_score,
 )
@@ -186,3 +187,19 @@ def test_sparsegpt_bad_args(layer):
         sparsegpt_prune(W, H, sparsity=None)
     with pytest.raises(ConfigError):
         sparsegpt_prune(W, H, sparsity=None, prune_n=2, prune_m=3)
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties"])
+def test_prune_smallest_removes_exactly_k_per_row_with_ties_by_lower_index(values):
+    """The selection-based prune_smallest equals a stable sort: the k smallest of each row go, and among equal
+    scores the lower-indexed ones go first."""
+    g = torch.Generator().manual_seed(0)
+    score = (torch.rand(5, 40, generator=g) if values == "distinct"
+             else torch.randint(0, 4, (5, 40), generator=g).float())
+    for k in (0, 1, 7, 20, 39, 40):
+        expect = torch.ones_like(score, dtype=torch.bool)
+        if k:
+            expect.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], False)
+        got = prune_smallest(score, k)
+        assert torch.equal(got, expect), k
+        assert ((~got).sum(1) == k).all()

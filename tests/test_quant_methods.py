@@ -372,3 +372,69 @@ def test_awq_refuses_dense_propagation():
     with pytest.raises(ValueError, match="propagate='compressed'"):
         slimlm.quantize(model, AWQConfig(bits=4, group_size=32), data=random_windows(4, 16),
                         runner=RunnerOptions(fast=False, progress=False, propagate="dense"))
+
+
+def test_awq_module_loss_judges_groups_on_the_module_holding_them():
+    """search_loss=module: q/k/v are judged on self_attn's output and gate/up on mlp's, run on the first
+    search_windows windows; o_proj and down_proj (whose module output is their own) keep the layer loss. The
+    loss of s = 1 is the attention-output error of plain rounding, computed here independently, and the
+    weights are put back after the search."""
+    from slimlm.calibration import run_layerwise
+    from slimlm.core.awq import scaled_fake_quantize
+    from slimlm.quant.awq import AWQProcessor
+    from slimlm.quant.targets import plan_targets
+
+    checked = []
+
+    class Probe(AWQProcessor):
+        def process(self, ctx, group):
+            infos = [i for i, _ in group]
+            if ctx.index == 0 and infos[0].name.endswith("q_proj"):
+                targets = [self.plan[i.name] for i in infos]
+                before = [t.info.weight() for t in targets]
+                loss, restore = self._module_loss(ctx, infos, targets)
+                got = loss(torch.ones(infos[0].in_features))
+                restore()
+                for t, W in zip(targets, before):
+                    assert torch.equal(t.info.weight(), W)
+                attn = ctx.block.self_attn
+                seen = []
+                h = attn.register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+                y0 = ctx.forward(batches=[0])[0]
+                for t, W in zip(targets, before):   # s = 1: plain rounding of W
+                    t.info.set_weight(scaled_fake_quantize(W, torch.ones(W.shape[1]), t.bits, t.group_size,
+                                                           config.symmetric))
+                ctx.forward(batches=[0])
+                h.remove()
+                for t, W in zip(targets, before):
+                    t.info.set_weight(W)
+                assert y0.shape[0] == 4 and len(seen) == 2
+                expect = float((seen[1] - seen[0]).pow(2).sum())
+                assert got == pytest.approx(expect, rel=1e-4)
+                checked.append(got)
+            super().process(ctx, group)
+
+    model = salient_model("llama")
+    config = AWQConfig(bits=3, group_size=32, search_loss="module", search_windows=4)
+    proc = Probe(config, plan_targets(model, config))
+    run_layerwise(model, DATA, proc, RUNNER)
+    assert checked
+    judged = {names: where for (_, names), where in proc._modules.items()}
+    assert judged == {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "self_attn",
+                      ("self_attn.o_proj",): None, ("mlp.gate_proj", "mlp.up_proj"): "mlp",
+                      ("mlp.down_proj",): None}
+
+
+def test_awq_module_loss_end_to_end():
+    """The module-judged search gives another choice than the layer loss, still well ahead of RTN; bad values
+    of the new options are refused."""
+    ref = logits(salient_model("llama"))
+    _, _, layer = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32))
+    _, report, module = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, search_loss="module"))
+    _, _, rtn = quantized(salient_model("llama"), RTNConfig(bits=3, group_size=32))
+    assert sqnr_db(ref, logits(module)) > sqnr_db(ref, logits(rtn)) + 1.0
+    assert not torch.equal(logits(layer), logits(module))
+    with pytest.raises(ConfigError, match="search_loss must be one of layer, module"):
+        AWQConfig(search_loss="block")
+    with pytest.raises(ConfigError, match="search_windows must be a positive"):
+        AWQConfig(search_windows=0)

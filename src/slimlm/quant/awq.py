@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,72 @@ def _observe(block: nn.Module, window) -> tuple[dict[str, Tensor], list[tuple[st
     return inputs, norm_outs, list(inputs)
 
 
+class _Done(Exception):
+    """Stops a forward pass once the module of interest has run (or been called)."""
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _judging_module(ctx: BlockContext, rel: tuple[str, ...]) -> str | None:
+    """The members' common parent module ("" = the block), or None when its output is one member's own output
+    (seen on one window)."""
+    parts = [r.split(".")[:-1] for r in rel]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    where = ".".join(common)
+    module = ctx.block.get_submodule(where) if where else ctx.block
+    outs: list[Tensor] = []
+    seen: dict[str, Tensor] = {}
+    hooks = [ctx.block.get_submodule(r).register_forward_hook(
+        lambda _m, _a, out: outs.append(out)) for r in rel]
+
+    def after(_m, _a, out):
+        seen["y"] = _first(out)
+        raise _Done
+    hooks.append(module.register_forward_hook(after))
+    try:
+        with torch.no_grad(), ctx.autocast():
+            _run(ctx.block, _one_window(ctx))
+    except _Done:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if "y" not in seen or any(seen["y"] is o for o in outs):
+        return None
+    return where
+
+
+def _module_calls(ctx: BlockContext, module: nn.Module, windows: int) -> list[tuple[tuple, dict]]:
+    """The arguments `module` receives on the first batches of the block's inputs (at least `windows` windows,
+    whole batches)."""
+    calls: list[tuple[tuple, dict]] = []
+    got = 0
+    for b in range(len(ctx.inputs)):
+        if got >= windows:
+            break
+        if module is ctx.block:
+            calls.append(((ctx.inputs[b], *ctx.args[b]), dict(ctx.kwargs[b])))
+        else:
+            def pre(_m, args, kwargs):
+                calls.append((tuple(a.detach() if isinstance(a, Tensor) else a for a in args), dict(kwargs)))
+                raise _Done
+            h = module.register_forward_pre_hook(pre, with_kwargs=True)
+            try:
+                ctx.forward(batches=[b])
+            except _Done:
+                pass
+            finally:
+                h.remove()
+        got += ctx.inputs[b].shape[0]
+    return calls
+
+
 class FoldFinder:
     """Finds (and caches per block class and layer names) where each group's input scale can go."""
 
@@ -196,6 +263,7 @@ class AWQProcessor:
         self.input_scales: dict[str, Tensor] = {}
         self.folds = FoldFinder()
         self.counts: Counter = Counter()
+        self._modules: dict[tuple, str | None] = {}   # search_loss=module: the module judging each group
 
     def process(self, ctx: BlockContext, group: list[tuple[LinearInfo, LinearStats]]) -> None:
         infos = [info for info, _ in group]
@@ -204,7 +272,16 @@ class AWQProcessor:
         if not targets or st.hessian is None or st.nsamples == 0:
             return
         gram = st.hessian / 2                          # E[x x^T] over every calibration token (in, in)
-        s = self.search_scale(targets, gram, st.abs_sum / st.nsamples)
+        act_mean = st.abs_sum / st.nsamples
+        module_loss = self._module_loss(ctx, infos, targets) if self.config.search_loss == "module" else None
+        if module_loss is None:
+            s = self.search_scale(targets, gram, act_mean)
+        else:
+            loss, restore = module_loss
+            try:
+                s = self.search_scale(targets, gram, act_mean, loss)
+            finally:
+                restore()
         fold = self.folds(ctx, tuple(i.name[len(ctx.prefix) + 1:] for i in infos))
         self.counts[fold.kind] += 1
         if fold.kind == "norm":
@@ -225,8 +302,10 @@ class AWQProcessor:
                 W_eff = W_eff / s
             t.info.set_weight(W_eff)
 
-    def search_scale(self, targets: list[Target], gram: Tensor, act_mean: Tensor) -> Tensor:
-        """Scales s (in,) of the best alpha for the group's layers (output error through gram = E[x x^T])."""
+    def search_scale(self, targets: list[Target], gram: Tensor, act_mean: Tensor,
+                     module_loss: Callable[[Tensor], float] | None = None) -> Tensor:
+        """Scales s (in,) of the best alpha for the group's layers: by their output error through gram =
+        E[x x^T], or by `module_loss` (see _module_loss)."""
         weights = [(t, t.info.weight()) for t in targets]
         sym = self.config.symmetric
 
@@ -244,11 +323,46 @@ class AWQProcessor:
             return total
         wm = weight_channel_mean([W for _, W in weights], targets[0].group_size) if self.config.duo_scaling else None
         rms = gram.diagonal().clamp(min=0).sqrt() if self.config.rms_scales else None
-        best = awq_grid_search(act_mean, loss, self.config.n_grid, wm, rms)
+        best = awq_grid_search(act_mean, module_loss or loss, self.config.n_grid, wm, rms)
         self.counts["duo" if best.duo else "plain"] += 1
         self.counts[f"stat_{best.stat}"] += 1
         log.debug("AWQ %s: alpha=%.2f duo=%s loss=%.4g", targets[0].name, best.alpha, best.duo, min(best.losses))
         return best.scales
+
+    def _module_loss(self, ctx: BlockContext, infos: list[LinearInfo], targets: list[Target]):
+        """(loss, restore) judging scales s on the output of the module holding the group (its members' common
+        parent: self_attn for q/k/v, mlp for gate/up), run on the first search_windows calibration windows
+        with each target's weight set to Q(W diag(s)) diag(s)^-1, against its output with the weights of now;
+        restore() puts the weights back. None where that output is a member's own output (o_proj, down_proj:
+        the layer loss measures the same there, on every token)."""
+        rel = tuple(i.name[len(ctx.prefix) + 1:] for i in infos)
+        key = (type(ctx.block).__name__, rel)
+        if key not in self._modules:
+            self._modules[key] = _judging_module(ctx, rel)
+            log.info("AWQ: %s judged on %s", ", ".join(rel), self._modules[key] or "their own outputs")
+        where = self._modules[key]
+        if where is None:
+            return None
+        module = ctx.block.get_submodule(where) if where else ctx.block
+        calls = _module_calls(ctx, module, self.config.search_windows)
+        with torch.no_grad(), ctx.autocast():
+            refs = [_first(module(*a, **kw)).float() for a, kw in calls]
+        originals = [(t, t.info.weight()) for t in targets]
+        sym = self.config.symmetric
+
+        def loss(s: Tensor) -> float:
+            for t, W in originals:
+                t.info.set_weight(scaled_fake_quantize(W, s, t.bits, t.group_size, sym))
+            total = 0.0
+            with torch.no_grad(), ctx.autocast():
+                for (a, kw), y0 in zip(calls, refs):
+                    total += float((_first(module(*a, **kw)).float() - y0).pow(2).sum())
+            return total
+
+        def restore() -> None:
+            for t, W in originals:
+                t.info.set_weight(W)
+        return loss, restore
 
     def quantize(self, Ws: Tensor, gram_s: Tensor, t: Target, n_grid: int = 20) -> QuantResult:
         """Clipping search (when enabled) and round-to-nearest of the scaled weight W diag(s)."""

@@ -171,6 +171,9 @@ class GPTQConfig(IntQuantConfig):
         _require_positive_int("block_size", self.block_size, "number of columns (e.g. 128)")
 
 
+AWQ_SEARCH_LOSSES = ("layer", "module")
+
+
 @dataclass
 class AWQConfig(IntQuantConfig):
     """AWQ (Lin et al. 2023): activation-aware per-channel scaling and weight clipping, then rounding."""
@@ -198,11 +201,22 @@ class AWQConfig(IntQuantConfig):
         "help": "asymmetric clipping: after the search over ranges shrunk alike, try each end of every "
                 "group's range on its own (the lower end, then the upper end), keeping a move only when it "
                 "lowers the group's output error"})
+    search_loss: str = field(default="layer", metadata={
+        "help": "what each alpha is judged on: layer (the group's own outputs, through E[x x^T] over every "
+                "calibration token) or module (the output of the module holding the group, e.g. self_attn "
+                "for q/k/v and mlp for gate/up, as the AWQ reference code does; run on search_windows windows "
+                "per grid point; groups whose module output is their own output keep the layer loss)"})
+    search_windows: int = field(default=32, metadata={
+        "help": "with search_loss=module: calibration windows the module is run on per grid point"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.group_size == 0:
             raise ConfigError("AWQ needs group_size -1 (per channel) or g > 0 (e.g. 64), not 0 (per tensor)")
+        if self.search_loss not in AWQ_SEARCH_LOSSES:
+            raise ConfigError(f"search_loss must be one of {', '.join(AWQ_SEARCH_LOSSES)}, "
+                              f"got {self.search_loss!r}")
+        _require_positive_int("search_windows", self.search_windows, "number of windows (e.g. 32)")
         _require_positive_int("n_grid", self.n_grid, "number of grid points (e.g. 20)")
         _require_positive_int("clip_in_search_grid", self.clip_in_search_grid, "grid size (e.g. 10)")
 

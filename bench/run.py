@@ -190,6 +190,8 @@ QUANT_CASES = {
     "awq_w4g64": ("awq", {"bits": "4", "group_size": "64"}, "awq", {"bits": 4, "group_size": 64}),
     "awq_w3g64": ("awq", {"bits": "3", "group_size": "64"}, "awq", {"bits": 3, "group_size": 64}),
     "awq_w3g64_clipsearch": ("awq", {"bits": "3", "group_size": "64", "clip_in_search": "true"}, None, {}),
+    "awq_w3g64_module": ("awq", {"bits": "3", "group_size": "64", "search_loss": "module",
+                                 "search_windows": "16"}, None, {}),
     "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
     "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),
     "nf4_dq": ("nf4", {}, None, {}),

@@ -10,6 +10,7 @@ per layer with the pure functions of slimlm.core, and finally swaps the layers f
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from slimlm.calibration import BlockContext, LinearInfo, LinearStats, RunnerOptions, run_layerwise
 from slimlm.core.gptq import gptq_quantize
+from slimlm.core.packing import pack_int32, unpack_int32
 from slimlm.core.quant import QuantResult, default_g_idx, rtn_quantize
 from slimlm.quant.configs import AWQConfig, GPTQConfig, Int8Config, IntQuantConfig, NF4Config, RTNConfig
 from slimlm.quant.targets import Target, plan_targets, report, swap_in
@@ -75,7 +77,15 @@ class GPTQProcessor:
     def __init__(self, config: GPTQConfig, plan: dict[str, Target]) -> None:
         self.config, self.plan = config, plan
         self.sequential = config.true_sequential
-        self.results: dict[str, QuantResult] = {}
+        # codes bit-packed while the runner runs (a byte per weight of every layer done so far held about
+        # 100 MB at SmolLM2's last blocks); `results` unpacks them
+        self._packed: dict[str, tuple[QuantResult, int]] = {}
+
+    @property
+    def results(self) -> dict[str, QuantResult]:
+        """The layers' QuantResults so far (a new dict, codes unpacked)."""
+        return {n: dataclasses.replace(r, codes=unpack_int32(r.codes, r.bits, cols))
+                for n, (r, cols) in self._packed.items()}
 
     def process(self, ctx: BlockContext, group: list[tuple[LinearInfo, LinearStats]]) -> None:
         H = group[0][1].hessian
@@ -97,7 +107,8 @@ class GPTQProcessor:
                 part = QuantResult(res.codes[rows].contiguous(), res.scale[rows].contiguous(),
                                    res.zero[rows].contiguous(), res.g_idx, bits, group_size, c.symmetric)
                 info.set_weight(part.dequantize())
-                self.results[info.name] = part
+                self._packed[info.name] = (dataclasses.replace(part, codes=pack_int32(part.codes, bits, pad=True)),
+                                           part.codes.shape[1])
 
 
 @register("quantize", "gptq", GPTQConfig, needs_data=True,
@@ -106,9 +117,10 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, data: Tensor, runner: Runne
     plan = plan_targets(model, config)
     proc = GPTQProcessor(config, plan)
     staged = run_layerwise(model, data, proc, runner) if any(t.in_block for t in plan.values()) else 0
-    rtn_n = quantize_rest(plan, config, proc.results)
-    swap_in(model, proc.results, "gptq")
-    return report("gptq", proc.results, model, per_channel_fallback=fallback_count(config, plan),
+    results = proc.results
+    rtn_n = quantize_rest(plan, config, results)
+    swap_in(model, results, "gptq")
+    return report("gptq", results, model, per_channel_fallback=fallback_count(config, plan),
                   rtn_fallback=rtn_n, true_sequential=config.true_sequential, staged_blocks=staged)
 
 

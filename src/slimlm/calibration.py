@@ -153,8 +153,8 @@ def mirror_upper_(m: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- contexts
-class _Stop(Exception):
-    """Raised inside a block to stop a forward pass once the inputs of interest have been seen."""
+class StopForward(Exception):
+    """Raised inside a block (by a hook) to stop a forward pass once what was needed has been seen."""
 
 
 @dataclass
@@ -279,12 +279,12 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tenso
             if state["record"] is not None:
                 state["record"].append((rest, kw))
                 return None
-            raise _Stop
+            raise StopForward
         return hook
 
     def after_last(_mod, _args, _out):
         if state["record"] is not None:
-            raise _Stop  # the arguments are recorded; the final norm and output layer need not run
+            raise StopForward  # the arguments are recorded; the final norm and output layer need not run
 
     hooks = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     hooks.append(blocks[-1].register_forward_hook(after_last))
@@ -297,7 +297,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tenso
                 state["record"] = [] if new_shape else None
                 try:
                     model(input_ids=batch, use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
                 if new_shape:
                     cap.first[tuple(cap.inputs[-1].shape)] = state["record"]
@@ -380,7 +380,7 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
         def pre(mod, args, _st=st, _stop=(g[0].module is last and not keep_outputs)):
             _st.add(args[0].detach(), needs, opts.fast_stats)
             if _stop:
-                raise _Stop
+                raise StopForward
         hooks.append(g[0].module.register_forward_pre_hook(pre))
     start = 0 if first is None else 1
     if keep_outputs and first is not None:   # batch 0 is done: its output takes its input's place at once
@@ -391,7 +391,7 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
         for i in range(start, len(ctx.inputs)):
             try:
                 out = ctx.forward(batches=[i])
-            except _Stop:
+            except StopForward:
                 continue
             if keep_outputs:
                 ctx.inputs[i] = out[0]
@@ -404,20 +404,37 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
     return stats
 
 
+class _Stash:
+    """Per-batch tensors of one shape kept in a single buffer, allocated at the first put (dtype: the first
+    tensor's unless given). A batch of another shape (a shorter last batch) gets a tensor of its own."""
+
+    def __init__(self, n: int, dtype: torch.dtype | None = None) -> None:
+        self.n, self.dtype = n, dtype
+        self.buf: Tensor | None = None
+        self.extra: dict[int, Tensor] = {}
+
+    def put(self, b: int, x: Tensor) -> Tensor:
+        if self.buf is None:
+            self.buf = x.new_empty((self.n, *x.shape), dtype=self.dtype or x.dtype)
+        if x.shape == self.buf.shape[1:]:
+            self.buf[b].copy_(x)
+        else:
+            self.extra[b] = x.to(self.buf.dtype)
+        return x
+
+    def __getitem__(self, b: int) -> Tensor:
+        return self.extra[b] if b in self.extra else self.buf[b]
+
+
 def _one_buffer(xs: list[Tensor]) -> list[Tensor]:
-    """The same tensors as views of one buffer (batches of the first batch's shape; others as they are). The
-    hidden states live through the whole run and are overwritten in place block after block; captured one by
-    one, amid the forward passes' temporaries, they would pin that stretch of the heap."""
-    same = [i for i, x in enumerate(xs) if x.shape == xs[0].shape and x.dtype == xs[0].dtype]
-    if len(same) < 2:
-        return xs
-    buf = xs[0].new_empty((len(same), *xs[0].shape))
-    out = list(xs)
-    for j, i in enumerate(same):
-        buf[j].copy_(xs[i])
-        out[i] = buf[j]
+    """The same tensors as views of one buffer (a _Stash). The hidden states live through the whole run and
+    are overwritten in place block after block; captured one by one, amid the forward passes' temporaries,
+    they would pin that stretch of the heap."""
+    stash = _Stash(len(xs))
+    for i, x in enumerate(xs):
+        stash.put(i, x)
         xs[i] = None
-    return out
+    return [stash[i] for i in range(len(xs))]
 
 
 def return_freed_memory() -> None:
@@ -472,24 +489,29 @@ def staged_layout(block: nn.Module, groups: list[list[LinearInfo]]) -> StagedLay
     return StagedLayout(ln2, mlp, groups[1][0], groups[3][0])
 
 
-def _input_of(ctx: BlockContext, run: Callable[[], object], module: nn.Module) -> Tensor:
-    """The input `module` receives when `run()` executes (stopped there: nothing after it runs)."""
+def call_of(ctx: BlockContext, run: Callable[[], object], module: nn.Module) -> tuple[tuple, dict]:
+    """The (args, kwargs) `module` is called with when `run()` executes (stopped there: nothing after it runs)."""
     seen = {}
 
-    def pre(_m, args):
-        seen["x"] = args[0]
-        raise _Stop
-    h = module.register_forward_pre_hook(pre)
+    def pre(_m, args, kwargs):
+        seen["call"] = (args, kwargs)
+        raise StopForward
+    h = module.register_forward_pre_hook(pre, with_kwargs=True)
     try:
         with torch.no_grad(), ctx.autocast():
             run()
-    except _Stop:
+    except StopForward:
         pass
     finally:
         h.remove()
-    if "x" not in seen:
+    if "call" not in seen:
         raise RuntimeError(f"{type(module).__name__} was not called")
-    return seen["x"].detach()
+    return seen["call"]
+
+
+def _input_of(ctx: BlockContext, run: Callable[[], object], module: nn.Module) -> Tensor:
+    """The input `module` receives when `run()` executes (stopped there: nothing after it runs)."""
+    return call_of(ctx, run, module)[0][0].detach()
 
 
 def _current(ctx: BlockContext, info: LinearInfo) -> nn.Module:
@@ -540,28 +562,6 @@ def verify_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[Linear
     if not ok:
         log.info("staged passes do not reproduce %s: one partial pass per group", type(ctx.block).__name__)
     return ok
-
-
-class _Stash:
-    """Per-batch tensors of one shape kept in a single buffer, allocated at the first put (dtype: the first
-    tensor's unless given). A batch of another shape (a shorter last batch) gets a tensor of its own."""
-
-    def __init__(self, n: int, dtype: torch.dtype | None = None) -> None:
-        self.n, self.dtype = n, dtype
-        self.buf: Tensor | None = None
-        self.extra: dict[int, Tensor] = {}
-
-    def put(self, b: int, x: Tensor) -> Tensor:
-        if self.buf is None:
-            self.buf = x.new_empty((self.n, *x.shape), dtype=self.dtype or x.dtype)
-        if x.shape == self.buf.shape[1:]:
-            self.buf[b].copy_(x)
-        else:
-            self.extra[b] = x.to(self.buf.dtype)
-        return x
-
-    def __getitem__(self, b: int) -> Tensor:
-        return self.extra[b] if b in self.extra else self.buf[b]
 
 
 def run_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInfo]], processor: Processor,

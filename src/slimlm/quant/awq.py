@@ -30,7 +30,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from slimlm.calibration import BlockContext, LinearInfo, LinearStats, RunnerOptions, is_linear, run_layerwise
+from slimlm.calibration import (
+    BlockContext,
+    LinearInfo,
+    LinearStats,
+    RunnerOptions,
+    StopForward,
+    call_of,
+    is_linear,
+    run_layerwise,
+)
 from slimlm.core.awq import (
     awq_grid_search,
     awq_range_search,
@@ -92,10 +101,13 @@ def _one_window(ctx: BlockContext) -> tuple[Tensor, tuple, dict]:
     return x[:1], cut(ctx.args[0]), cut(ctx.kwargs[0])
 
 
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _run(block: nn.Module, window) -> Tensor:
     x, args, kwargs = window
-    out = block(x, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return _first(block(x, *args, **kwargs))
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -126,14 +138,6 @@ def _observe(block: nn.Module, window) -> tuple[dict[str, Tensor], list[tuple[st
     return inputs, norm_outs, list(inputs)
 
 
-class _Done(Exception):
-    """Stops a forward pass once the module of interest has run (or been called)."""
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _judging_module(ctx: BlockContext, rel: tuple[str, ...]) -> str | None:
     """The members' common parent module ("" = the block), or None when its output is one member's own output
     (seen on one window)."""
@@ -152,12 +156,12 @@ def _judging_module(ctx: BlockContext, rel: tuple[str, ...]) -> str | None:
 
     def after(_m, _a, out):
         seen["y"] = _first(out)
-        raise _Done
+        raise StopForward
     hooks.append(module.register_forward_hook(after))
     try:
         with torch.no_grad(), ctx.autocast():
             _run(ctx.block, _one_window(ctx))
-    except _Done:
+    except StopForward:
         pass
     finally:
         for h in hooks:
@@ -178,16 +182,7 @@ def _module_calls(ctx: BlockContext, module: nn.Module, windows: int) -> list[tu
         if module is ctx.block:
             calls.append(((ctx.inputs[b], *ctx.args[b]), dict(ctx.kwargs[b])))
         else:
-            def pre(_m, args, kwargs):
-                calls.append((tuple(a.detach() if isinstance(a, Tensor) else a for a in args), dict(kwargs)))
-                raise _Done
-            h = module.register_forward_pre_hook(pre, with_kwargs=True)
-            try:
-                ctx.forward(batches=[b])
-            except _Done:
-                pass
-            finally:
-                h.remove()
+            calls.append(call_of(ctx, lambda b=b: ctx.forward(batches=[b]), module))
         got += ctx.inputs[b].shape[0]
     return calls
 

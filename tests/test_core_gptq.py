@@ -191,3 +191,17 @@ def test_gptq_range_search_lowers_the_layer_error(layer):
     searched = gptq_quantize(W, H, 3, 32, False, act_order=True, static_groups=True, range_search=True)
     assert h_error(W, searched.dequantize(), H) < h_error(W, plain.dequantize(), H)
     assert torch.equal(searched.g_idx, plain.g_idx)                 # static groups: contiguous, unpermuted
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_prepared_factor_is_the_damped_inverse(layer, act_order):
+    """U^T U equals (H + damp * mean(diag H) * I)^-1 (in act-order's permutation), U upper triangular."""
+    _, H = layer
+    prep = prepare_hessian(H, 0.01, act_order=act_order)
+    Hd = H.double()
+    if act_order:
+        Hd = Hd[prep.perm][:, prep.perm]
+    Hd = Hd + 0.01 * torch.diagonal(Hd).mean() * torch.eye(Hd.shape[0], dtype=torch.float64)
+    U = prep.hinv_u.double()
+    assert torch.equal(U, torch.triu(U))
+    assert torch.allclose(U.T @ U, torch.linalg.inv(Hd), rtol=1e-4, atol=1e-6 * float(torch.linalg.inv(Hd).abs().max()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -155,8 +156,9 @@ def measure_compress(family: str, method: str, options: dict, out_dir: str) -> d
             "report": {k: v for k, v in (report or {}).items() if isinstance(v, (int, float, str, bool))}}
 
 
-def _peer(method: str, opts: dict, workdir: Path) -> dict:
-    """llm-compressor on the same model, data and settings, in its own venv (bench/setup_peer.sh)."""
+def _peer(method: str, opts: dict, workdir: Path, evaluate: bool = True) -> dict:
+    """llm-compressor on the same model, data and settings, in its own venv (bench/setup_peer.sh); without
+    `evaluate` it only compresses (a repeat timing the same settings again)."""
     import os
 
     py = Path(os.environ.get("SLIMLM_PEER_VENV", Path.home() / ".cache/slimlm/peer-venv")) / "bin" / "python"
@@ -167,8 +169,9 @@ def _peer(method: str, opts: dict, workdir: Path) -> dict:
     model_dir = models.embedded_folder(P.MODEL)
     out = workdir / f"peer-{method}.json"
     cmd = [str(py), str(Path(__file__).parent / "peer_llmcompressor.py"), "--model", str(model_dir),
-           "--method", method, "--calib", P.corpus(P.CALIB_TEXT), "--eval",
-           *[P.corpus(f) for f in P.EVAL_TEXTS.values()], "--json", str(out)]
+           "--method", method, "--calib", P.corpus(P.CALIB_TEXT), "--json", str(out)]
+    if evaluate:
+        cmd += ["--eval", *[P.corpus(f) for f in P.EVAL_TEXTS.values()]]
     for k, v in opts.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -279,10 +282,19 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
                 rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", "run": run, "machine": here, **peer}
                 P.write_result(result_name, {"cases": selected}, {"rows": rows})
             continue
-        print(f"[{name}] slimlm {method} {opts}", flush=True)
+        with_peer = bool(peer_method and not args.no_peer and (args.peers is None or name in args.peers.split(",")))
+        # a wall-time ratio is a median over repeats (BENCHMARKS.md), each pair run back to back: slimlm, peer
+        repeats = max(1, args.repeats) if with_peer else 1
         out_dir = str(work / name)
+        comps, peers = [], []
         try:
-            comp = _child(["compress-one", family, method, json.dumps(opts), out_dir])
+            for k in range(repeats):
+                print(f"[{name}] slimlm {method} {opts} (run {k + 1}/{repeats})", flush=True)
+                comps.append(_child(["compress-one", family, method, json.dumps(opts), out_dir]))
+                if with_peer:
+                    print(f"[{name}] llm-compressor {peer_method} {peer_opts} (run {k + 1}/{repeats})", flush=True)
+                    peers.append(_peer(peer_method, peer_opts, work, evaluate=k == 0))
+            comp = _merge_repeats(comps, "peak_rss_mb")
             # unstructured and N:M sparse weights run as dense ones on CPU: speed is measured where it can change
             speed = family == "quantize" or method == "structured"
             ev = _child(["eval-one", out_dir, str(P.QUICK_WINDOWS), "--reference", P.MODEL, "--ref-cache", str(work)])
@@ -298,14 +310,39 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
         shutil.rmtree(out_dir, ignore_errors=True)
         _keep_earlier(rows, name, run)
         rows[name] = row
-        if peer_method and not args.no_peer and (args.peers is None or name in args.peers.split(",")):
-            print(f"[{name}] llm-compressor {peer_method} {peer_opts}", flush=True)
-            peer = _peer(peer_method, peer_opts, work)
+        if with_peer and peers:
+            peer = _merge_repeats(peers, "peak_rss_mb_after_compress")
             _keep_earlier(rows, f"{name}__llmcompressor", run)
             rows[f"{name}__llmcompressor"] = {"tool": "llm-compressor", "run": run, "machine": here, **peer}
-            if "wall_s" in peer and "wall_s" in row:
-                row["wall_vs_llmcompressor"] = row["wall_s"] / peer["wall_s"]
+            pairs = [(c["wall_s"], p["wall_s"]) for c, p in zip(comps, peers) if "wall_s" in c and "wall_s" in p]
+            if pairs and "error" not in row:
+                ratios = [a / b for a, b in pairs]
+                row["wall_vs_llmcompressor"] = statistics.median(ratios)
+                row["wall_vs_llmcompressor_runs"] = ratios
+                if row.get("peak_rss_mb") and peer.get("peak_rss_mb_after_compress"):
+                    row["peak_vs_llmcompressor"] = row["peak_rss_mb"] / peer["peak_rss_mb_after_compress"]
         P.write_result(result_name, {"cases": selected}, {"rows": rows})
+
+
+def _merge_repeats(runs: list[dict], peak_key: str) -> dict:
+    """One row from repeated compressions of the same settings: the first run's fields (its perplexities,
+    report, settings), wall_s and the peak as medians over the runs that worked, each run's values listed."""
+    ok = [r for r in runs if "error" not in r and "wall_s" in r]
+    if not ok:
+        return runs[0]
+    row = {**ok[0]}
+    if len(runs) > 1:
+        row["repeats"] = len(ok)
+        row["wall_s_runs"] = [r["wall_s"] for r in ok]
+        row["wall_s"] = statistics.median(row["wall_s_runs"])
+        peaks = [r[peak_key] for r in ok if r.get(peak_key) is not None]
+        if peaks:
+            row[f"{peak_key}_runs"] = peaks
+            row[peak_key] = statistics.median(peaks)
+        errors = [r["error"] for r in runs if "error" in r]
+        if errors:
+            row["repeat_errors"] = errors
+    return row
 
 
 def _keep_earlier(rows: dict, key: str, run: str) -> None:
@@ -388,6 +425,9 @@ def main() -> None:
         sp.add_argument("--peers", default=None, help="comma-separated cases whose llm-compressor rows run "
                         "(default: every case that has one); an earlier run's peer rows stay in the file")
         sp.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")
+        sp.add_argument("--repeats", type=int, default=3,
+                        help="compressions of each case that has an llm-compressor row, alternating with the "
+                             "peer's; wall time and peak are medians over them (BENCHMARKS.md: at least 3)")
         sp.add_argument("--speed-runs", type=int, default=9,
                         help="alternating model/fp32 runs behind each speed ratio (median)")
     t = sub.add_parser("table", help="print a results file as a markdown table")

@@ -1,0 +1,44 @@
+"""The benchmark harness's bookkeeping (no model runs here)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def run():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_repeats_give_medians_and_keep_every_run(run):
+    runs = [{"wall_s": 10.0, "peak_rss_mb": 900.0, "ppl": {"a": 1}},
+            {"wall_s": 30.0, "peak_rss_mb": 800.0},
+            {"wall_s": 20.0, "peak_rss_mb": 1000.0}]
+    row = run._merge_repeats(runs, "peak_rss_mb")
+    assert row["wall_s"] == 20.0 and row["peak_rss_mb"] == 900.0
+    assert row["wall_s_runs"] == [10.0, 30.0, 20.0] and row["peak_rss_mb_runs"] == [900.0, 800.0, 1000.0]
+    assert row["ppl"] == {"a": 1} and row["repeats"] == 3
+
+
+def test_failed_repeats_are_left_out_and_reported(run):
+    runs = [{"error": "killed"}, {"wall_s": 5.0, "peak_rss_mb_after_compress": 7.0},
+            {"wall_s": 9.0, "peak_rss_mb_after_compress": 3.0}]
+    row = run._merge_repeats(runs, "peak_rss_mb_after_compress")
+    assert row["repeats"] == 2 and row["wall_s"] == 7.0 and row["peak_rss_mb_after_compress"] == 5.0
+    assert row["repeat_errors"] == ["killed"]
+    assert run._merge_repeats([{"error": "x"}], "peak_rss_mb") == {"error": "x"}
+
+
+def test_one_run_stays_as_it_was(run):
+    one = {"wall_s": 3.0, "peak_rss_mb": 2.0}
+    assert run._merge_repeats([one], "peak_rss_mb") == one

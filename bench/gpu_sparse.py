@@ -1,0 +1,159 @@
+"""2:4 sparsity on a CUDA GPU: PyTorch's semi-structured sparse kernels against dense float16, same GPU, same run.
+
+    python bench/gpu_sparse.py [--model DIR] [--runs 7]
+
+1. The default model pruned 2:4 (magnitude by default: which weights are zero does not change the speed; or
+   --model, a 2:4 folder saved by slimlm), in float16 on the GPU: its logits dense and with the sparse
+   kernels (max and relative difference), then prefill (batch x 512 tokens) and greedy decode (batch 1, KV
+   cache) tokens/s, dense and sparse runs alternating, medians.
+2. Single linear layers, dense float16 against the same 2:4 weight through the kernels, at 1, 512 and 4096
+   tokens: the model's shapes and larger ones (a 4096-wide model's), medians of CUDA-event timings.
+Writes bench/results/sparse_gpu.json. Exits with a message where there is no CUDA GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol as P  # noqa: E402
+
+
+def _time_cuda(fn, runs: int, warmup: int = 3) -> float:
+    """Median seconds of fn() over runs, by CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1000)
+    return statistics.median(times)
+
+
+def _greedy(model, ids, n: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for n tokens), synchronised."""
+    import time
+
+    import torch
+
+    from slimlm.metrics import _cache_kwarg, _out_cache
+
+    key = _cache_kwarg(model)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    past, tok = _out_cache(out), out.logits[:, -1:].argmax(-1)
+    for _ in range(n):
+        out = model(input_ids=tok, use_cache=True, **{key: past})
+        past, tok = _out_cache(out), out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def model_figures(args) -> dict:
+    import copy
+
+    import torch
+
+    import slimlm
+    from slimlm import api
+    from slimlm.configs import build_config
+    from slimlm.pruning import semi_structured as S
+    from slimlm.registry import get
+
+    tok = slimlm.load_tokenizer(P.MODEL)
+    if args.model:
+        model = slimlm.load_model(args.model)
+        source = args.model
+    else:
+        model = slimlm.load_model(P.MODEL)
+        m = get("prune", "magnitude")
+        api.prune(model, build_config(m.config_cls, {"sparsity": "2:4"}, "magnitude"))
+        source = "smollm2-135m, magnitude 2:4"
+    model = model.to("cuda", torch.float16).eval()
+    sparse = copy.deepcopy(model)
+    with torch.no_grad():
+        report = S.to_semi_structured(sparse)
+    from slimlm import data as D
+
+    ids = D.tokenize(tok, D.load_text(P.corpus(P.EVAL_TEXTS["persuasion"])))
+    batch = torch.stack([ids[i * P.SEQLEN:(i + 1) * P.SEQLEN] for i in range(args.batch)]).cuda()
+    with torch.no_grad():
+        ld, ls = model(input_ids=batch).logits.float(), sparse(input_ids=batch).logits.float()
+    diff = {"max_abs": float((ld - ls).abs().max()), "rel_l2": float((ld - ls).norm() / ld.norm()),
+            "top1_agreement": float((ld.argmax(-1) == ls.argmax(-1)).float().mean())}
+    prompt = batch[:1, :128]
+    pre_d, pre_s, dec_d, dec_s = [], [], [], []
+    with torch.no_grad():
+        _greedy(model, prompt, 4)
+        _greedy(sparse, prompt, 4)
+        for _ in range(args.runs):   # alternating, so drifts of the GPU's clocks hit both
+            pre_d.append(batch.numel() / _time_cuda(lambda: model(input_ids=batch), 1, 1))
+            pre_s.append(batch.numel() / _time_cuda(lambda: sparse(input_ids=batch), 1, 1))
+            dec_d.append(args.new_tokens / _greedy(model, prompt, args.new_tokens)[1])
+            dec_s.append(args.new_tokens / _greedy(sparse, prompt, args.new_tokens)[1])
+    med = statistics.median
+    return {"source": source, "kernels": report["backend"], "converted_layers": len(report["converted"]),
+            "dense_layers": report["dense"], "logits_sparse_vs_dense": diff,
+            "prefill_batch": list(batch.shape), "prefill_tokens_per_s_dense": med(pre_d),
+            "prefill_tokens_per_s_sparse": med(pre_s), "prefill_sparse_vs_dense": med(pre_s) / med(pre_d),
+            "decode_tokens_per_s_dense": med(dec_d), "decode_tokens_per_s_sparse": med(dec_s),
+            "decode_sparse_vs_dense": med(dec_s) / med(dec_d), "new_tokens": args.new_tokens, "runs": args.runs}
+
+
+def layer_figures(args) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    from torch.sparse import to_sparse_semi_structured
+
+    rows = []
+    shapes = [(576, 1536), (1536, 576), (576, 576), (4096, 4096), (4096, 11008), (11008, 4096)]
+    for k, n in shapes:
+        W = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        W = W * torch.tensor([0, 0, 1, 1], device="cuda", dtype=torch.float16).repeat(n, k // 4)
+        try:
+            Ws = to_sparse_semi_structured(W)
+        except (RuntimeError, ValueError) as e:
+            rows.append({"in": k, "out": n, "error": str(e).splitlines()[0][:200]})
+            continue
+        for m in (1, 512, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            err = float((F.linear(x, W) - F.linear(x, Ws)).abs().max())
+            td = _time_cuda(lambda x=x, W=W: F.linear(x, W), args.runs * 10)
+            ts = _time_cuda(lambda x=x, Ws=Ws: F.linear(x, Ws), args.runs * 10)
+            rows.append({"in": k, "out": n, "tokens": m, "dense_us": td * 1e6, "sparse_us": ts * 1e6,
+                         "sparse_speedup": td / ts, "max_abs_diff": err})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a 2:4 sparse folder saved by slimlm (default: the default model, magnitude 2:4)")
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=8, help="windows of 512 tokens in the prefill batch")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_sparse.py: no CUDA GPU here; the 2:4 kernels run only on one (compute capability >= 8.0)")
+    name = torch.cuda.get_device_name(0)
+    figures = {"gpu": name, "capability": list(torch.cuda.get_device_capability(0)),
+               "torch": torch.__version__, "model": model_figures(args), "layers": layer_figures(args)}
+    path = P.write_result("sparse_gpu", {"runs": args.runs, "batch": args.batch, "new_tokens": args.new_tokens,
+                                         "model": args.model or "default, magnitude 2:4"}, figures)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -70,10 +70,11 @@ def prepare_hessian(H: Tensor, damp: float = 0.01, *, act_order: bool = False) -
     if perm is not None:
         H = H[perm][:, perm]
     mean_diag = float(torch.diagonal(H).mean())
+    del diag   # a view: it would keep the unflipped copy alive
     # U (upper) with H^-1 = U^T U from ONE factorisation: with J the reversal permutation and J H J = L L^T,
-    # H^-1 = J L^-T L^-1 J = U^T U for U = J L^-1 J, which is upper triangular. At most four (in, in)
-    # matrices are alive at once (the layer's own Hessian not counted): for a 1536-wide down_proj in fp64
-    # that is 72 MB, where building H + damp * I from an identity took twice as much.
+    # H^-1 = J L^-T L^-1 J = U^T U for U = J L^-1 J, which is upper triangular. At most four (in, in) fp64
+    # matrices are alive at once (the caller's Hessian not counted): 75 MB for a 1536-wide down_proj, where
+    # building H + damp * I from an identity and flipping the sum held up to six.
     H = H.flip(0, 1)
     requested = damp
     for _ in range(_MAX_DAMP_RETRIES + 1):

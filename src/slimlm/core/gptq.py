@@ -22,8 +22,8 @@ from ..errors import ConfigError, SlimlmError
 from .quant import (
     QuantResult,
     choose_qparams,
+    dequantize,
     group_qparams,
-    max_code,
     num_groups,
     quantize,
     search_group_qparams,
@@ -156,33 +156,23 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: b
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     Hinv = prep.hinv_u
     block_size = aligned_block_size(block_size, group_size)
-    maxq = max_code(bits)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2]  # view: updated in place
         Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diagonal(Hinv1).tolist()
         Err1 = torch.empty_like(W1)
-        t = torch.empty_like(W1[:, :1])
-        g_now = None
-        # per column: q = clamp(round(w / s) + z, 0, maxq), err = (w - (q - z) * s) / d_i, the same arithmetic
-        # as quantize() and dequantize(), in place on one scratch column (the loop's cost is its op count)
         for i in range(i2 - i1):
             g = col_group[i1 + i]
             if dynamic and (i1 + i) % group_size == 0:
-                sz = choose_qparams(W1[:, i:i + group_size], bits, symmetric)
-                scale[:, g:g + 1], zero[:, g:g + 1] = sz
-                g_now = None
-            if g != g_now:
-                s, z, g_now = scale[:, g:g + 1], zero[:, g:g + 1], g
-            w, e = W1[:, i:i + 1], Err1[:, i:i + 1]
-            torch.div(w, s, out=t)
-            t.round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s)
-            torch.sub(w, t, out=e).div_(d[i])
-            W1[:, i + 1:].addmm_(e, Hinv1[i:i + 1, i + 1:], alpha=-1)
-        # W1's column i still holds the w it was quantized from (updates reach only later columns): its codes
-        groups = col_group[i1:i2]
-        codes[:, i1:i2] = quantize(W1, scale[:, groups], zero[:, groups], bits).to(torch.uint8)
+                s, z = choose_qparams(W1[:, i:i + group_size], bits, symmetric)
+                scale[:, g:g + 1], zero[:, g:g + 1] = s, z
+            s, z = scale[:, g:g + 1], zero[:, g:g + 1]
+            w = W1[:, i:i + 1]
+            q = quantize(w, s, z, bits)
+            codes[:, i1 + i] = q.squeeze(1).to(torch.uint8)
+            err = (w - dequantize(q, s, z)) / Hinv1[i, i]
+            W1[:, i + 1:].addmm_(err, Hinv1[i:i + 1, i + 1:], alpha=-1)
+            Err1[:, i:i + 1] = err
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     codes = codes[:, torch.argsort(perm)]
     return QuantResult(codes, scale, zero, g_idx.to(torch.int32), bits, group_size, symmetric)

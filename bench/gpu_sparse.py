@@ -38,28 +38,6 @@ def _time_cuda(fn, runs: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _greedy(model, ids, n: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for n tokens), synchronised."""
-    import time
-
-    import torch
-
-    from slimlm.metrics import _cache_kwarg, _out_cache
-
-    key = _cache_kwarg(model)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    past, tok = _out_cache(out), out.logits[:, -1:].argmax(-1)
-    for _ in range(n):
-        out = model(input_ids=tok, use_cache=True, **{key: past})
-        past, tok = _out_cache(out), out.logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
-    return t1 - t0, time.perf_counter() - t1
-
-
 def model_figures(args) -> dict:
     import copy
 
@@ -67,6 +45,8 @@ def model_figures(args) -> dict:
 
     import slimlm
     from slimlm import api
+    from slimlm import data as D
+    from slimlm import metrics as M
     from slimlm.configs import build_config
     from slimlm.pruning import semi_structured as S
     from slimlm.registry import get
@@ -84,24 +64,21 @@ def model_figures(args) -> dict:
     sparse = copy.deepcopy(model)
     with torch.no_grad():
         report = S.to_semi_structured(sparse)
-    from slimlm import data as D
-
     ids = D.tokenize(tok, D.load_text(P.corpus(P.EVAL_TEXTS["persuasion"])))
     batch = torch.stack([ids[i * P.SEQLEN:(i + 1) * P.SEQLEN] for i in range(args.batch)]).cuda()
     with torch.no_grad():
         ld, ls = model(input_ids=batch).logits.float(), sparse(input_ids=batch).logits.float()
     diff = {"max_abs": float((ld - ls).abs().max()), "rel_l2": float((ld - ls).norm() / ld.norm()),
             "top1_agreement": float((ld.argmax(-1) == ls.argmax(-1)).float().mean())}
-    prompt = batch[:1, :128]
+    prompt = batch[0, :128]
     pre_d, pre_s, dec_d, dec_s = [], [], [], []
     with torch.no_grad():
-        _greedy(model, prompt, 4)
-        _greedy(sparse, prompt, 4)
         for _ in range(args.runs):   # alternating, so drifts of the GPU's clocks hit both
             pre_d.append(batch.numel() / _time_cuda(lambda: model(input_ids=batch), 1, 1))
             pre_s.append(batch.numel() / _time_cuda(lambda: sparse(input_ids=batch), 1, 1))
-            dec_d.append(args.new_tokens / _greedy(model, prompt, args.new_tokens)[1])
-            dec_s.append(args.new_tokens / _greedy(sparse, prompt, args.new_tokens)[1])
+            # metrics.speed: greedy decode at batch 1 with the KV cache (synchronised on a GPU), one run each
+            dec_d.append(M.speed(model, prompt, new_tokens=args.new_tokens, runs=1)["decode_tokens_per_s"])
+            dec_s.append(M.speed(sparse, prompt, new_tokens=args.new_tokens, runs=1)["decode_tokens_per_s"])
     med = statistics.median
     return {"source": source, "kernels": report["backend"], "converted_layers": len(report["converted"]),
             "dense_layers": report["dense"], "logits_sparse_vs_dense": diff,

@@ -199,8 +199,12 @@ def _out_cache(out):
 
 def _greedy(model: nn.Module, ids: Tensor, n: int) -> tuple[float, float]:
     key = _cache_kwarg(model)
+    # on a GPU the calls return before the kernels finish: wait for them at each clock reading
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
+    sync()
     t1 = time.perf_counter()
     past = _out_cache(out)
     tok = out.logits[:, -1:].argmax(-1)
@@ -208,6 +212,7 @@ def _greedy(model: nn.Module, ids: Tensor, n: int) -> tuple[float, float]:
         out = model(input_ids=tok, use_cache=True, **{key: past})
         past = _out_cache(out)
         tok = out.logits[:, -1:].argmax(-1)
+    sync()
     return t1 - t0, time.perf_counter() - t1
 
 

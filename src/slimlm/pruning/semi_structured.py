@@ -51,7 +51,7 @@ def to_semi_structured(model: nn.Module, *, backend: str = "auto") -> dict:
     forced = SparseSemiStructuredTensor._FORCE_CUTLASS
     if backend != "auto":
         SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
-    converted, dense = [], {}
+    converted, dense, kinds = [], {}, set()
     try:
         for name, mod in model.named_modules():
             if not isinstance(mod, nn.Linear):
@@ -70,11 +70,10 @@ def to_semi_structured(model: nn.Module, *, backend: str = "auto") -> dict:
                 continue
             mod.weight = nn.Parameter(sparse, requires_grad=False)
             converted.append(name)
-        kind = type(next((m.weight for m in model.modules() if isinstance(m, nn.Linear)
-                          and isinstance(m.weight, SparseSemiStructuredTensor)), None)).__name__
+            kinds.add(type(sparse).__name__)
     finally:
         SparseSemiStructuredTensor._FORCE_CUTLASS = forced
-    return {"converted": converted, "dense": dense, "backend": kind if converted else None}
+    return {"converted": converted, "dense": dense, "backend": ",".join(sorted(kinds)) or None}
 
 
 def to_dense(model: nn.Module) -> int:

@@ -3,7 +3,8 @@
     python bench/gpu_sparse.py [--model DIR] [--runs 7]
 
 1. The default model pruned 2:4 (magnitude by default: which weights are zero does not change the speed; or
-   --model, a 2:4 folder saved by slimlm), in float16 on the GPU: its logits dense and with the sparse
+   --model, a 2:4 folder saved by slimlm; where the default model does not load, its architecture with
+   random weights, see gpu_common.py), in float16 on the GPU: its logits dense and with the sparse
    kernels (max and relative difference), then prefill (batch x 512 tokens) and greedy decode (batch 1, KV
    cache) tokens/s, dense and sparse runs alternating, medians.
 2. Single linear layers, dense float16 against the same 2:4 weight through the kernels, at 1, 512 and 4096
@@ -18,24 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_common as G  # noqa: E402
 import protocol as P  # noqa: E402
-
-
-def _time_cuda(fn, runs: int, warmup: int = 3) -> float:
-    """Median seconds of fn() over runs, by CUDA events."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
-    return statistics.median(times)
 
 
 def model_figures(args) -> dict:
@@ -45,27 +30,25 @@ def model_figures(args) -> dict:
 
     import slimlm
     from slimlm import api
-    from slimlm import data as D
     from slimlm import metrics as M
     from slimlm.configs import build_config
     from slimlm.pruning import semi_structured as S
     from slimlm.registry import get
 
-    tok = slimlm.load_tokenizer(P.MODEL)
     if args.model:
         model = slimlm.load_model(args.model)
         source = args.model
     else:
-        model = slimlm.load_model(P.MODEL)
+        model, source = G.default_model()
         m = get("prune", "magnitude")
         api.prune(model, build_config(m.config_cls, {"sparsity": "2:4"}, "magnitude"))
-        source = "smollm2-135m, magnitude 2:4"
+        source += ", magnitude 2:4"
     model = model.to("cuda", torch.float16).eval()
     sparse = copy.deepcopy(model)
     with torch.no_grad():
         report = S.to_semi_structured(sparse)
-    ids = D.tokenize(tok, D.load_text(P.corpus(P.EVAL_TEXTS["persuasion"])))
-    batch = torch.stack([ids[i * P.SEQLEN:(i + 1) * P.SEQLEN] for i in range(args.batch)]).cuda()
+    batch, text = G.token_batch(args.batch, P.SEQLEN, model.config.vocab_size)
+    batch = batch.cuda()
     with torch.no_grad():
         ld, ls = model(input_ids=batch).logits.float(), sparse(input_ids=batch).logits.float()
     diff = {"max_abs": float((ld - ls).abs().max()), "rel_l2": float((ld - ls).norm() / ld.norm()),
@@ -74,13 +57,13 @@ def model_figures(args) -> dict:
     pre_d, pre_s, dec_d, dec_s = [], [], [], []
     with torch.no_grad():
         for _ in range(args.runs):   # alternating, so drifts of the GPU's clocks hit both
-            pre_d.append(batch.numel() / _time_cuda(lambda: model(input_ids=batch), 1, 1))
-            pre_s.append(batch.numel() / _time_cuda(lambda: sparse(input_ids=batch), 1, 1))
+            pre_d.append(batch.numel() / G.time_cuda(lambda: model(input_ids=batch), 1, 1))
+            pre_s.append(batch.numel() / G.time_cuda(lambda: sparse(input_ids=batch), 1, 1))
             # metrics.speed: greedy decode at batch 1 with the KV cache (synchronised on a GPU), one run each
             dec_d.append(M.speed(model, prompt, new_tokens=args.new_tokens, runs=1)["decode_tokens_per_s"])
             dec_s.append(M.speed(sparse, prompt, new_tokens=args.new_tokens, runs=1)["decode_tokens_per_s"])
     med = statistics.median
-    return {"source": source, "kernels": report["backend"], "converted_layers": len(report["converted"]),
+    return {"source": source, "tokens": text, "kernels": report["backend"], "converted_layers": len(report["converted"]),
             "dense_layers": report["dense"], "logits_sparse_vs_dense": diff,
             "prefill_batch": list(batch.shape), "prefill_tokens_per_s_dense": med(pre_d),
             "prefill_tokens_per_s_sparse": med(pre_s), "prefill_sparse_vs_dense": med(pre_s) / med(pre_d),
@@ -106,8 +89,8 @@ def layer_figures(args) -> list[dict]:
         for m in (1, 512, 4096):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             err = float((F.linear(x, W) - F.linear(x, Ws)).abs().max())
-            td = _time_cuda(lambda x=x, W=W: F.linear(x, W), args.runs * 10)
-            ts = _time_cuda(lambda x=x, Ws=Ws: F.linear(x, Ws), args.runs * 10)
+            td = G.time_cuda(lambda x=x, W=W: F.linear(x, W), args.runs * 10)
+            ts = G.time_cuda(lambda x=x, Ws=Ws: F.linear(x, Ws), args.runs * 10)
             rows.append({"in": k, "out": n, "tokens": m, "dense_us": td * 1e6, "sparse_us": ts * 1e6,
                          "sparse_speedup": td / ts, "max_abs_diff": err})
     return rows

@@ -186,3 +186,51 @@ def test_rejects_shapes_that_cannot_be_packed():
         QuantLinear(256, 64, 4, 96, True)
     with pytest.raises(ConfigError, match="bits"):
         QuantLinear(256, 64, 5, -1, True)
+
+
+def test_cuda_int4_pack_puts_the_even_column_in_the_high_nibble():
+    from slimlm.quant.linear import cuda_int4_pack
+
+    c = torch.tensor([[1, 2, 15, 0], [7, 8, 0, 15]])
+    assert torch.equal(cuda_int4_pack(c), torch.tensor([[0x12, 0xF0], [0x78, 0x0F]], dtype=torch.uint8))
+
+
+def test_a_move_off_the_cpu_goes_through_portable_codes():
+    """The CPU int4 layout means nothing elsewhere: moving the module (here to meta, as a model does before
+    load_state_dict(assign=True)) first rebuilds a device-neutral layout, and moving back rebuilds the kernel's."""
+    r = act_order_result(4, 64, sym=False)
+    m = QuantLinear.from_result(r, torch.randn(N))
+    assert m.layout == "int4" and m.perm is not None
+    shapes = {k: v.shape for k, v in m.state_dict().items()}
+    m.to("meta")
+    assert m.layout == "packed" and m.packed.is_meta and m.kernel_scales is None and m.perm is None
+    assert m.packed.shape == (N, K * 4 // 32)
+    assert {k: v.shape for k, v in m.state_dict().items()} == shapes
+
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8),
+                               reason="the int4 GPU kernel needs a CUDA GPU of compute capability >= 8.0")
+
+
+@needs_gpu
+@pytest.mark.parametrize("bits,gs,act_order", [(4, 64, False), (3, 64, False), (2, 32, False), (4, -1, False),
+                                               (4, 64, True)])
+def test_gpu_int4_kernel_matches_the_dequantized_product(bits, gs, act_order):
+    r = act_order_result(bits, gs, sym=False) if act_order else rtn_result(bits, gs, sym=False)
+    bias = torch.randn(N)
+    m = QuantLinear.from_result(r, bias)
+    sd = m.state_dict()
+    m.to("cuda")
+    assert m.layout == "int4" and m.packed.is_cuda, "the GPU int4 layout was refused (see the warning)"
+    assert torch.equal(m.codes().cpu(), r.codes.to(torch.uint8))
+    x = x_in().cuda()
+    ref = x @ r.dequantize().cuda().T + bias.cuda()
+    with torch.no_grad():
+        y = m(x)
+        y16 = m(x.half())
+    assert y.dtype == torch.float32 and y16.dtype == torch.float16
+    assert sqnr_db(ref, y) > 30 and sqnr_db(ref, y16.float()) > 30
+    for k, v in m.state_dict().items():
+        assert torch.equal(v.cpu(), sd[k]), k
+    m.to("cpu")
+    assert m.layout == "int4" and torch.equal(m.codes(), r.codes.to(torch.uint8))

@@ -15,15 +15,24 @@ Resident layouts (chosen from the device and the quantization, re-chosen when th
 - "int8": 8-bit codes stored as int8 (q - 128). Per-channel on CPU runs `aten._weight_int8pack_mm` on bf16
   activations; an asymmetric zero point adds the rank-one term sum_k(x_k) * (128 - z) * s.
   Grouped 8-bit dequantizes then multiplies.
-- "packed": everything else, including any non-CPU device (e.g. CUDA): int32 words (slimlm.core.packing)
-  unpacked and dequantized in the activation dtype at each call, then a dense matmul. That is a correct
-  but slow fallback on GPU (no fused low-bit kernel there); it is untested here (no GPU on this machine).
+- "int4" on a CUDA GPU (compute capability 8.0 or newer, out_features % 8 == 0, in_features % 32 == 0):
+  the same codes, scales and zero points in the layout of `aten._convert_weight_to_int4pack` (its input is
+  uint8 (out, in/2), the even column in the high nibble) and the product runs `aten._weight_int4pack_mm`
+  (tinygemm) on bf16 activations, with the same w = (c - 8) * s' + z' per group as on CPU. The first
+  layer built on a GPU in a process reads its codes back through the kernel and compares them with the
+  codes it was given; if they differ, or the conversion fails, every layer of the process takes the
+  "packed" layout instead (a warning says so), so a wrong layout can cost speed but never give wrong
+  outputs. This path has not yet run on a GPU here (no GPU was lent to the sessions that wrote it).
+- "packed": everything else: int32 words (slimlm.core.packing) unpacked and dequantized in the activation
+  dtype at each call, then a dense matmul. Correct everywhere; on a GPU it is the slow fallback.
 
 state_dict() always holds the portable tensors (GPTQ orientation, true zero points, fp32 scales):
 qweight int32 (in*bits/32, out), scales fp32 (G, out), qzeros int32 (G, out*bits/32), g_idx int32 (in,),
 bias; loading them (also into a module built on the meta device) rebuilds the resident layout.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +46,23 @@ INNER_K_TILES = 2
 PORTABLE_KEYS = ("qweight", "scales", "qzeros", "g_idx")
 _STORAGE = ("packed", "scale", "zero", "g_idx", "perm", "kernel_scales", "kernel_corr")
 _UNIT_ROWS = 512                      # identity rows per kernel call when reading int4 codes back
+_CUDA_INT4 = {"verified": None}       # the GPU int4 layout: None = not tried yet, True = checked, False = off
+
+log = logging.getLogger(__name__)
+
+
+def _int4_mm(device: torch.device):
+    """The int4 weight-packed matmul operator for a device (CPU or CUDA)."""
+    if device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm
+    return torch.ops.aten._weight_int4pack_mm_for_cpu
+
+
+def cuda_int4_pack(c: Tensor) -> Tensor:
+    """Unsigned 4-bit codes c (N, K) as the uint8 (N, K/2) input of aten._convert_weight_to_int4pack:
+    column 2j in the high nibble, column 2j + 1 in the low nibble of byte j."""
+    c = c.to(torch.int32)
+    return (c[:, 0::2] << 4 | c[:, 1::2]).to(torch.uint8).contiguous()
 
 
 def _check_shape(in_features: int, out_features: int, bits: int, group_size: int) -> None:
@@ -125,9 +151,15 @@ class QuantLinear(nn.Module):
                    device="meta", dtype=dtype)
 
     def _int4_plan(self, g_idx: Tensor, device: torch.device) -> tuple[int, Tensor | None] | None:
-        """(kernel group size, input permutation or None) if the int4 CPU kernel can run this layer."""
+        """(kernel group size, input permutation or None) if the int4 kernel of `device` can run this layer."""
         K, N = self.in_features, self.out_features
-        if device.type != "cpu" or self.bits > 4 or N % 16:
+        if self.bits > 4:
+            return None
+        if device.type == "cuda":
+            if (_CUDA_INT4["verified"] is False or torch.cuda.get_device_capability(device)[0] < 8
+                    or N % 8 or K % (INNER_K_TILES * 16)):
+                return None
+        elif device.type != "cpu" or N % 16:
             return None
         span = self.group_size if self.group_size > 0 else K
         kg = next((g for g in KERNEL_GROUPS if span % g == 0 and K % g == 0), None)
@@ -141,24 +173,23 @@ class QuantLinear(nn.Module):
         perm = torch.argsort(g_idx, stable=True)
         return (kg, perm) if torch.equal(g_idx[perm], ref) else None
 
-    def _build(self, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor,
-               target: torch.device | None = None) -> None:
-        """Set the resident layout from codes (out, in), scale/zero (out, G) and g_idx (in,), on the
-        codes' device, choosing the layout for `target` (default: that device)."""
+    def _build(self, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor, kernels: bool = True) -> None:
+        """Set the resident layout from codes (out, in), scale/zero (out, G) and g_idx (in,) on the codes'
+        device: the kernel layout for that device where one fits, else "int8"/"packed" (always with
+        kernels=False, which gives tensors that move to any device)."""
         dev = codes.device
-        target = dev if target is None else target
         self.scale = scale.to(dev, torch.float32).contiguous()
         self.zero = zero.to(dev).round().to(torch.uint8).contiguous()
         self.g_idx = g_idx.to(dev, torch.int32).contiguous()
         self.perm = self.kernel_scales = self.kernel_corr = None
         self.kernel_group = 0
-        plan = self._int4_plan(self.g_idx, target)
-        if plan is not None:
-            self._build_int4(codes, *plan)
-        elif self.bits == 8:
+        plan = self._int4_plan(self.g_idx, dev) if kernels else None
+        if plan is not None and self._build_int4(codes, *plan):
+            return
+        if self.bits == 8:
             self.layout = "int8"
             self.packed = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
-            if target.type == "cpu" and self.scale.shape[1] == 1:
+            if kernels and dev.type == "cpu" and self.scale.shape[1] == 1:
                 s, z = self.scale[:, 0], self.zero[:, 0].float()
                 self.kernel_scales = s.to(torch.bfloat16)
                 self.kernel_corr = None if bool((z == 128).all()) else (128 - z) * s
@@ -166,17 +197,35 @@ class QuantLinear(nn.Module):
             self.layout = "packed"
             self.packed = pack_int32(codes, self.bits, dim=-1)
 
-    def _build_int4(self, codes: Tensor, kg: int, perm: Tensor | None) -> None:
-        self.layout, self.kernel_group, self.perm = "int4", kg, perm
+    def _build_int4(self, codes: Tensor, kg: int, perm: Tensor | None) -> bool:
+        """Set the int4 layout on the codes' device; False (nothing set) where the GPU layout is refused."""
         mid = 1 << (self.bits - 1)                 # codes are stored as q + (8 - mid): centred on 8
-        c = codes if perm is None else codes[:, perm]
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            c.to(torch.int32).add(8 - mid).contiguous(), INNER_K_TILES)
+        c = (codes if perm is None else codes[:, perm]).to(torch.int32).add(8 - mid)
+        if codes.device.type == "cuda":
+            try:
+                packed = torch.ops.aten._convert_weight_to_int4pack(cuda_int4_pack(c), INNER_K_TILES)
+            except RuntimeError as e:
+                return self._cuda_int4_off(f"the conversion failed ({str(e).strip().splitlines()[0][:160]})")
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), INNER_K_TILES)
+        self.layout, self.kernel_group, self.perm, self.packed = "int4", kg, perm, packed
         g = self.g_idx if perm is None else self.g_idx[perm]
         gk = g[::kg].long()                                              # group of each kernel group
         s, z = self.scale[:, gk], self.zero[:, gk].float()              # (N, K/kg)
         sz = torch.stack([s, (mid - z) * s], dim=-1)                    # (N, K/kg, 2)
         self.kernel_scales = sz.transpose(0, 1).to(torch.bfloat16).contiguous()  # (K/kg, N, 2)
+        if codes.device.type == "cuda" and not _CUDA_INT4["verified"]:
+            if not torch.equal(self._int4_codes(), codes.to(torch.uint8)):
+                self.layout, self.kernel_group, self.perm, self.kernel_scales = "packed", 0, None, None
+                return self._cuda_int4_off("codes read back through the kernel differ from the codes packed")
+            _CUDA_INT4["verified"] = True
+        return True
+
+    @staticmethod
+    def _cuda_int4_off(why: str) -> bool:
+        _CUDA_INT4["verified"] = False
+        log.warning("int4 GPU kernel not used (%s): quantized layers dequantize at each call instead", why)
+        return False
 
     # ----------------------------------------------------------------- reading back
     def codes(self) -> Tensor:
@@ -190,15 +239,15 @@ class QuantLinear(nn.Module):
     def _int4_codes(self) -> Tensor:
         """Read the int4 kernel layout back through the kernel itself: with s' = 1, z' = 8 it returns
         w = c exactly, so an identity input yields the stored codes whatever the kernel's private layout."""
-        K, N, kg = self.in_features, self.out_features, self.kernel_group
-        unit = torch.ones(K // kg, N, 2, dtype=torch.bfloat16)
+        K, N, kg, dev = self.in_features, self.out_features, self.kernel_group, self.packed.device
+        unit = torch.ones(K // kg, N, 2, dtype=torch.bfloat16, device=dev)
         unit[..., 1] = 8.0
-        rows = []
+        rows, mm = [], _int4_mm(dev)
         for start in range(0, K, _UNIT_ROWS):
             n = min(_UNIT_ROWS, K - start)
-            eye = torch.zeros(n, K, dtype=torch.bfloat16)
-            eye[torch.arange(n), torch.arange(start, start + n)] = 1.0
-            rows.append(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, kg, unit))
+            eye = torch.zeros(n, K, dtype=torch.bfloat16, device=dev)
+            eye[torch.arange(n, device=dev), torch.arange(start, start + n, device=dev)] = 1.0
+            rows.append(mm(eye, self.packed, kg, unit))
         mid = 1 << (self.bits - 1)
         c = (torch.cat(rows).T - (8 - mid)).to(torch.uint8)             # (N, K), permuted columns
         if self.perm is None:
@@ -266,8 +315,8 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Storage keeps its dtypes under .to(dtype)/.half(); the layout is re-chosen for a new device."""
         old, dev = self.packed.device, fn(torch.zeros(())).device
-        if self.layout == "int4" and dev.type != "cpu":             # read the CPU-only layout on the CPU
-            self._build(self.codes(), self.scale, self.zero, self.g_idx, target=dev)
+        if self.layout == "int4" and dev.type != old.type:   # a kernel layout belongs to its device: read the
+            self._build(self.codes(), self.scale, self.zero, self.g_idx, kernels=False)   # codes there first
         held = {k: self._buffers.pop(k) for k in _STORAGE}
         super()._apply(fn, recurse)
         for k, t in held.items():
@@ -286,7 +335,7 @@ class QuantLinear(nn.Module):
         if self.layout == "int4":
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            y = _int4_mm(x2.device)(
                 x2.to(torch.bfloat16).contiguous(), self.packed, self.kernel_group, self.kernel_scales)
         elif self.layout == "int8" and self.kernel_scales is not None and x.device.type == "cpu":
             xb = x2.to(torch.bfloat16).contiguous()

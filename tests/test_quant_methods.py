@@ -438,3 +438,31 @@ def test_awq_module_loss_end_to_end():
         AWQConfig(search_loss="block")
     with pytest.raises(ConfigError, match="search_windows must be a positive"):
         AWQConfig(search_windows=0)
+
+
+def test_awq_clip_skip_rounds_matching_layers_on_their_min_max_range():
+    """clip_skip layers get plain min-max rounding of W diag(s); the others the clipping search. A pattern that
+    matches no quantized layer is refused before anything changes."""
+    from slimlm.core.awq import awq_range_search, quantize_clipped
+    from slimlm.quant.awq import AWQProcessor
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g)
+    W[:, 5] *= 8                                                       # an outlier column worth clipping
+    X = torch.randn(256, 64, generator=g)
+    gram = X.T @ X / 256
+    proc = AWQProcessor(AWQConfig(bits=3, group_size=32, clip_skip="q_proj"), {})
+    lin = nn.Linear(64, 16, bias=False)
+    for name, clipped in (("model.layers.0.self_attn.q_proj", False), ("model.layers.0.self_attn.v_proj", True)):
+        t = Target(name, LinearInfo(name, lin), 3, 32, True)
+        got = proc.quantize(W, gram, t)
+        want = (awq_range_search(W, gram, 3, 32, False, n_grid=20) if clipped else
+                quantize_clipped(W, W.abs().reshape(16, -1, 32).amax(-1), 3, 32, False))
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale), name
+    full = quantize_clipped(W, W.abs().reshape(16, -1, 32).amax(-1), 3, 32, False)
+    assert not torch.equal(proc.quantize(W, gram, t).scale, full.scale)   # clipping moved some range
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="clip_skip pattern 'qproj'"):
+        slimlm.quantize(model, AWQConfig(bits=4, group_size=32, clip_skip="qproj"), data=DATA, runner=RUNNER)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

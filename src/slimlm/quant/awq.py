@@ -48,8 +48,9 @@ from slimlm.core.awq import (
     weight_channel_mean,
 )
 from slimlm.core.quant import QuantResult
+from slimlm.pruning.configs import name_matches, split_list
 from slimlm.quant.configs import AWQConfig
-from slimlm.quant.targets import Target, plan_targets, report, swap_in
+from slimlm.quant.targets import Target, check_matches, plan_targets, report, swap_in
 from slimlm.registry import register
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,7 @@ class AWQProcessor:
     def quantize(self, Ws: Tensor, gram_s: Tensor, t: Target, n_grid: int = 20) -> QuantResult:
         """Clipping search (when enabled) and round-to-nearest of the scaled weight W diag(s)."""
         sym = self.config.symmetric
-        if self.config.clip:
+        if self.config.clip and not any(name_matches(t.name, p) for p in split_list(self.config.clip_skip)):
             return awq_range_search(Ws, gram_s, t.bits, t.group_size, sym, n_grid=n_grid,
                                     refine=self.config.clip_refine)
         g = t.group_size if t.group_size > 0 else Ws.shape[1]
@@ -393,6 +394,8 @@ def apply_awq(model: nn.Module, config: AWQConfig, data: Tensor, runner: RunnerO
     from slimlm.quant.methods import fallback_count, quantize_rest
 
     plan = plan_targets(model, config)
+    for p in split_list(config.clip_skip):
+        check_matches(p, list(plan), "clip_skip")
     proc = AWQProcessor(config, plan)
     if any(t.in_block for t in plan.values()):
         run_layerwise(model, data, proc, runner)

@@ -208,6 +208,9 @@ class AWQConfig(IntQuantConfig):
                 "per grid point; groups whose module output is their own output keep the layer loss)"})
     search_windows: int = field(default=32, metadata={
         "help": "with search_loss=module: calibration windows the module is run on per grid point"})
+    clip_skip: str = field(default="", metadata={
+        "help": "comma-separated patterns of layers rounded on their whole min-max range, without the clipping "
+                "search (the AWQ reference code skips q_proj and k_proj: 'q_proj,k_proj')"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

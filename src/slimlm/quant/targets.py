@@ -63,7 +63,7 @@ def _block_prefix(model: nn.Module) -> str | None:
     return name + "." if name else ""
 
 
-def _check_matches(pattern: str, names: list[str], option: str) -> None:
+def check_matches(pattern: str, names: list[str], option: str) -> None:
     if not any(name_matches(n, pattern) for n in names):
         examples = ", ".join(names[:2] + names[-1:])
         raise ConfigError(f"{option} pattern {pattern!r} matches no linear layer (names look like "
@@ -77,9 +77,9 @@ def _bits_per_layer(config: LayerSelection, linears: dict[str, nn.Module],
     names = list(linears)
     rules, ignore = config.rules(), config.ignore_patterns()
     for r in rules:
-        _check_matches(r.pattern, names, "overrides")
+        check_matches(r.pattern, names, "overrides")
     for p in ignore:
-        _check_matches(p, names, "ignore")
+        check_matches(p, names, "ignore")
     bits = {}
     for n in names:
         rule = next((r for r in rules if name_matches(n, r.pattern)), None)

@@ -294,7 +294,9 @@ def _run_cases(args, family: str, cases: dict, result_name: str, selected: list,
                 comps.append(_child(["compress-one", family, method, json.dumps(opts), out_dir]))
                 if with_peer:
                     print(f"[{name}] llm-compressor {peer_method} {peer_opts} (run {k + 1}/{repeats})", flush=True)
-                    peers.append(_peer(peer_method, peer_opts, work, evaluate=k == 0))
+                    # the peer evaluates its model once: on its first run that works
+                    evaluated = any("error" not in p for p in peers)
+                    peers.append(_peer(peer_method, peer_opts, work, evaluate=not evaluated))
             comp = _merge_repeats(comps, "peak_rss_mb")
             # unstructured and N:M sparse weights run as dense ones on CPU: speed is measured where it can change
             speed = family == "quantize" or method == "structured"

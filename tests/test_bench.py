@@ -42,3 +42,37 @@ def test_failed_repeats_are_left_out_and_reported(run):
 def test_one_run_stays_as_it_was(run):
     one = {"wall_s": 3.0, "peak_rss_mb": 2.0}
     assert run._merge_repeats([one], "peak_rss_mb") == one
+
+
+def test_the_peer_evaluates_on_its_first_run_that_works(run, monkeypatch, tmp_path):
+    """A failed first peer run must not leave the merged peer row without perplexities."""
+    import argparse
+
+    calls = []
+
+    def child(argv):
+        if argv[0] == "compress-one":
+            return {"wall_s": 10.0, "peak_rss_mb": 100.0, "file_bytes": 5}
+        if argv[0] == "eval-one":
+            return {"peak_rss_mb": 50.0, "resident_bytes": 8, "disk_bytes": 10}
+        return {}
+
+    def peer(method, opts, work, evaluate=True):
+        calls.append(evaluate)
+        if len(calls) == 1:
+            return {"error": "killed"}
+        out = {"wall_s": 20.0, "peak_rss_mb_after_compress": 200.0}
+        return {**out, "ppl": {"persuasion": 50.0}} if evaluate else out
+
+    monkeypatch.setattr(run, "_child", child)
+    monkeypatch.setattr(run, "_peer", peer)
+    monkeypatch.setattr(run.P, "write_result", lambda *a, **k: None)
+    args = argparse.Namespace(peer_only=False, no_peer=False, peers=None, repeats=3, speed_runs=1)
+    cases = {"sg": ("sparsegpt", {"sparsity": "0.5"}, "sparsegpt", {"sparsity": 0.5})}
+    rows = {}
+    run._run_cases(args, "prune", cases, "pruning", ["sg"], tmp_path, rows)
+    assert calls == [True, True, False]
+    peer_row = rows["sg__llmcompressor"]
+    assert peer_row["ppl"] == {"persuasion": 50.0} and peer_row["repeats"] == 2
+    assert peer_row["repeat_errors"] == ["killed"]
+    assert rows["sg"]["wall_vs_llmcompressor"] == 0.5 and rows["sg"]["peak_vs_llmcompressor"] == 0.5

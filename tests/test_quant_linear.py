@@ -234,3 +234,18 @@ def test_gpu_int4_kernel_matches_the_dequantized_product(bits, gs, act_order):
         assert torch.equal(v.cpu(), sd[k]), k
     m.to("cpu")
     assert m.layout == "int4" and torch.equal(m.codes(), r.codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_layout_self_check_passes_a_right_layout_and_catches_wrong_scales(act_order):
+    """The once-per-process check of the GPU layout, run here on the CPU layout (same operator contract):
+    silent on a correct layer, a reason when the kernel's scales do not match the weight."""
+    r = act_order_result(4, 64, sym=False) if act_order else rtn_result(4, 64, sym=False)
+    m = QuantLinear.from_result(r)
+    assert m.layout == "int4" and m._cuda_mismatch(r.codes) is None
+    m.kernel_scales = m.kernel_scales.transpose(0, 1).reshape(m.kernel_scales.shape).contiguous()
+    assert "off by" in m._cuda_mismatch(r.codes)
+    m2 = QuantLinear.from_result(r)
+    wrong = r.codes.clone()
+    wrong[0, 0] = (wrong[0, 0] + 1) % 16
+    assert "codes read back" in m2._cuda_mismatch(wrong)

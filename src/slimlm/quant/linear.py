@@ -20,7 +20,8 @@ Resident layouts (chosen from the device and the quantization, re-chosen when th
   uint8 (out, in/2), the even column in the high nibble) and the product runs `aten._weight_int4pack_mm`
   (tinygemm) on bf16 activations, with the same w = (c - 8) * s' + z' per group as on CPU. The first
   layer built on a GPU in a process reads its codes back through the kernel and compares them with the
-  codes it was given; if they differ, or the conversion fails, every layer of the process takes the
+  codes it was given, and its product on unit inputs with the dequantized weight (which checks the layout
+  of the scales too); if either differs, or the conversion fails, every layer of the process takes the
   "packed" layout instead (a warning says so), so a wrong layout can cost speed but never give wrong
   outputs. This path has not yet run on a GPU here (no GPU was lent to the sessions that wrote it).
 - "packed": everything else: int32 words (slimlm.core.packing) unpacked and dequantized in the activation
@@ -215,11 +216,25 @@ class QuantLinear(nn.Module):
         sz = torch.stack([s, (mid - z) * s], dim=-1)                    # (N, K/kg, 2)
         self.kernel_scales = sz.transpose(0, 1).to(torch.bfloat16).contiguous()  # (K/kg, N, 2)
         if codes.device.type == "cuda" and not _CUDA_INT4["verified"]:
-            if not torch.equal(self._int4_codes(), codes.to(torch.uint8)):
+            why = self._cuda_mismatch(codes)
+            if why:
                 self.layout, self.kernel_group, self.perm, self.kernel_scales = "packed", 0, None, None
-                return self._cuda_int4_off("codes read back through the kernel differ from the codes packed")
+                return self._cuda_int4_off(why)
             _CUDA_INT4["verified"] = True
         return True
+
+    def _cuda_mismatch(self, codes: Tensor) -> str | None:
+        """Check the GPU layout once per process: the codes read back through the kernel, and the kernel's
+        product on the first (up to) 256 unit inputs against the dequantized weight (bf16 scales)."""
+        if not torch.equal(self._int4_codes(), codes.to(torch.uint8)):
+            return "codes read back through the kernel differ from the codes packed"
+        n, dev = min(self.in_features, 256), codes.device
+        eye = torch.eye(n, self.in_features, dtype=torch.bfloat16, device=dev)
+        got = _int4_mm(dev)(eye, self.packed, self.kernel_group, self.kernel_scales).float()   # (n, N)
+        W = dequantize_grouped(codes, self.scale, self.zero.float(), self.g_idx)
+        want = (W if self.perm is None else W[:, self.perm])[:, :n].T
+        err = float((got - want).norm() / want.norm().clamp(min=1e-30))
+        return None if err < 2e-2 else f"the kernel's product is off by {err:.3g} (relative) from the dequantized weight"
 
     @staticmethod
     def _cuda_int4_off(why: str) -> bool:

@@ -71,3 +71,29 @@ def time_cuda(fn, runs: int, warmup: int = 3) -> float:
         times.append(a.elapsed_time(b) / 1000)
     return statistics.median(times)
 
+
+
+def gpu_args(doc: str, extra=None):
+    """The GPU benchmarks' command line (--runs, --batch, --new-tokens, plus `extra(parser)`), parsed; exits
+    with a message where there is no CUDA GPU."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=8, help="windows of 512 tokens in the prefill batch")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    if extra:
+        extra(ap)
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit(f"{Path(sys.argv[0]).name}: no CUDA GPU here; these kernels run only on one (compute capability >= 8.0)")
+    return args
+
+
+def gpu_facts() -> dict:
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
+            "torch": torch.__version__}

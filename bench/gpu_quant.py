@@ -16,7 +16,6 @@ Writes bench/results/quant_gpu.json. Exits with a message where there is no CUDA
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -121,17 +120,8 @@ def layer_figures(args) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=8, help="windows of 512 tokens in the prefill batch")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    args = ap.parse_args()
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu_quant.py: no CUDA GPU here; the int4 GPU kernel runs only on one (compute capability >= 8.0)")
-    figures = {"gpu": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
-               "torch": torch.__version__, "model": model_figures(args), "layers": layer_figures(args)}
+    args = G.gpu_args(__doc__)
+    figures = {**G.gpu_facts(), "model": model_figures(args), "layers": layer_figures(args)}
     path = P.write_result("quant_gpu", {"runs": args.runs, "batch": args.batch, "new_tokens": args.new_tokens},
                           figures)
     print(f"wrote {path}")

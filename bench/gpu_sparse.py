@@ -13,7 +13,6 @@ Writes bench/results/sparse_gpu.json. Exits with a message where there is no CUD
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -97,19 +96,9 @@ def layer_figures(args) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="a 2:4 sparse folder saved by slimlm (default: the default model, magnitude 2:4)")
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=8, help="windows of 512 tokens in the prefill batch")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    args = ap.parse_args()
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu_sparse.py: no CUDA GPU here; the 2:4 kernels run only on one (compute capability >= 8.0)")
-    name = torch.cuda.get_device_name(0)
-    figures = {"gpu": name, "capability": list(torch.cuda.get_device_capability(0)),
-               "torch": torch.__version__, "model": model_figures(args), "layers": layer_figures(args)}
+    args = G.gpu_args(__doc__, lambda ap: ap.add_argument(
+        "--model", help="a 2:4 sparse folder saved by slimlm (default: the default model, magnitude 2:4)"))
+    figures = {**G.gpu_facts(), "model": model_figures(args), "layers": layer_figures(args)}
     path = P.write_result("sparse_gpu", {"runs": args.runs, "batch": args.batch, "new_tokens": args.new_tokens,
                                          "model": args.model or "default, magnitude 2:4"}, figures)
     print(f"wrote {path}")

@@ -373,3 +373,26 @@ def test_staged_bf16_stash_rounds_only_the_propagated_down_inputs():
     for (i, _, x), (_, _, y) in zip(exact.groups, rounded.groups):
         if i == 0:
             torch.testing.assert_close(x.hessian, y.hessian, rtol=1e-6, atol=1e-7)
+
+
+def test_stashes_reuse_one_arena_and_grow_it_when_needed():
+    """Successive stashes (the staged passes' z, then m) are carved from the same bytes; a larger one gets a
+    larger buffer; a shorter last batch gets its own tensor; values and dtypes are what was put."""
+    from slimlm.calibration import _Arena, _Stash
+
+    arena = _Arena()
+    z = _Stash(3, arena=arena)
+    xs = [torch.randn(2, 5, 8) for _ in range(3)]
+    for b, x in enumerate(xs):
+        z.put(b, x)
+    assert all(torch.equal(z[b], x) for b, x in enumerate(xs))
+    first = arena.buf.data_ptr()
+    m = _Stash(3, torch.bfloat16, arena=arena)   # 3*2*5*8 bf16: half the bytes of z, same buffer
+    for b in range(2):
+        m.put(b, xs[b] * 2)
+    m.put(2, torch.ones(1, 5, 8))               # a shorter last batch
+    assert m.buf.data_ptr() == first and m.buf.dtype == torch.bfloat16
+    assert torch.equal(m[0], (xs[0] * 2).to(torch.bfloat16)) and m[2].shape == (1, 5, 8)
+    big = _Stash(3, arena=arena)
+    big.put(0, torch.randn(4, 5, 8))            # more bytes than the arena holds: it grows
+    assert arena.buf.numel() == 3 * 4 * 5 * 8 * 4 and big.buf.shape == (3, 4, 5, 8)

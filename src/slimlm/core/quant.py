@@ -109,18 +109,22 @@ def search_group_qparams(W: Tensor, bits: int, symmetric: bool, group_size: int,
     if in_f % gs:
         raise ValueError(f"group size {gs} does not divide in_features {in_f}")
     G = in_f // gs
-    Wg = W.reshape(out_f * G, gs)
+    Wg = W.reshape(out_f, G, gs)
     c = torch.ones(in_f, device=W.device) if col_weight is None else col_weight.float().to(W.device)
-    cg = c.reshape(G, gs).repeat(out_f, 1)                                  # (out*G, gs), matches Wg rows
-    wmin = Wg.amin(dim=1, keepdim=True).clamp(max=0)
-    wmax = Wg.amax(dim=1, keepdim=True).clamp(min=0)
-    best_err = torch.full((Wg.shape[0], 1), float("inf"), device=W.device)
+    c = c.reshape(1, G, gs)
+    wmin = Wg.amin(dim=2, keepdim=True).clamp(max=0)
+    wmax = Wg.amax(dim=2, keepdim=True).clamp(min=0)
+    best_err = torch.full((out_f, G, 1), float("inf"), device=W.device)
     best_s = torch.ones_like(best_err)
     best_z = torch.zeros_like(best_err)
+    maxq = float(max_code(bits))
+    t = torch.empty_like(Wg)
     for k in range(grid + 1):
         p = 1.0 - k * max_shrink / grid
         s, z = range_qparams(wmin * p, wmax * p, bits, symmetric)
-        err = ((Wg - fake_quantize(Wg, s, z, bits)).pow(2) * cg).sum(dim=1, keepdim=True)
+        # fake_quantize(Wg, s, z) - Wg, in place in one buffer (the grid runs 21 times over the whole weight)
+        torch.div(Wg, s, out=t).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s).sub_(Wg)
+        err = t.square_().mul_(c).sum(dim=2, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)

@@ -67,55 +67,59 @@ def sparsegpt_prune(W: Tensor, H: Tensor, *, sparsity: float | None, prune_n: in
     W = W.detach().float().clone()
     W[:, prep.dead] = 0
     Hinv = prep.hinv_u
-    mask = torch.ones_like(W, dtype=torch.bool)
     if group_size > 0:
         scale = W.new_ones(out_f, num_groups(in_f, group_size))
         zero = torch.zeros_like(scale)
     elif quant is not None:  # per channel / per tensor: from the unpruned W (the range includes 0 anyway)
         scale, zero = group_qparams(W, bits, symmetric, group_size)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+    # As in GPTQ, the sweep works on W^T: column j of W is the contiguous row j. Masks are chosen on scores
+    # laid out as W, so ties among equal scores fall as they would in W's own order.
+    WT = W.t().contiguous()
+    del W
+    MT = torch.ones_like(WT, dtype=torch.bool)
+    codes_t = torch.zeros(in_f, out_f, dtype=torch.uint8, device=WT.device)
     block_size = aligned_block_size(block_size, group_size if quant else 0, prune_m)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1, M1 = W[:, i1:i2], mask[:, i1:i2]  # views: updated in place
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diagonal(Hinv1)
-        Err1 = torch.empty_like(W1)
+        W1, M1 = WT[i1:i2], MT[i1:i2]  # views (columns, out): updated in place
+        H1 = Hinv[i1:i2, i1:i2]
+        d = torch.diagonal(H1)
+        E1 = torch.empty_like(W1)
         if not prune_n:  # spread round(sparsity * numel) exactly over the blocks
             k = num_pruned(out_f * i2, sparsity) - num_pruned(out_f * i1, sparsity)
-            M1.copy_(prune_smallest((W1 ** 2 / d ** 2).reshape(1, -1), k).reshape(W1.shape))
+            M1.copy_(prune_smallest((W1.t() ** 2 / d ** 2).reshape(1, -1), k).reshape(out_f, i2 - i1).t())
         for i in range(i2 - i1):
             if prune_n and i % prune_m == 0:
                 cols = slice(i, i + prune_m)
-                M1[:, cols] = nm_mask(W1[:, cols] ** 2 / d[cols] ** 2, prune_n, prune_m)
-            w = W1[:, i:i + 1]
-            q = torch.where(M1[:, i:i + 1], w, torch.zeros_like(w))
+                M1[cols] = nm_mask(W1[cols].t() ** 2 / d[cols] ** 2, prune_n, prune_m).t()
+            w = W1[i]
+            q = torch.where(M1[i], w, 0.0)
             if quant is not None:
-                q = _quantize_column(q, W1, M1, i, i1 + i, bits, group_size, symmetric, scale, zero, codes)
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i + 1:].addmm_(err, Hinv1[i:i + 1, i + 1:], alpha=-1)
-            W1[:, i:i + 1] = q
-            Err1[:, i:i + 1] = err
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+                q = _quantize_column(q, W1, M1, i, i1 + i, bits, group_size, symmetric, scale, zero, codes_t)
+            err = torch.sub(w, q, out=E1[i]).div_(H1[i, i])
+            W1[i + 1:].addmm_(H1[i, i + 1:, None], err[None], alpha=-1)
+            w.copy_(q)
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), E1, alpha=-1)
+    W, mask = WT.t().contiguous(), MT.t().contiguous()
+    del WT, MT
     result = None
     if quant is not None:
         g_idx = default_g_idx(in_f, group_size, W.device)
-        result = QuantResult(codes, scale, zero, g_idx, bits, group_size, symmetric)
+        result = QuantResult(codes_t.t().contiguous(), scale, zero, g_idx, bits, group_size, symmetric)
     return SparseGPTResult(W, mask, result)
 
 
 def _quantize_column(q: Tensor, W1: Tensor, M1: Tensor, i: int, col: int, bits: int, group_size: int,
-                     symmetric: bool, scale: Tensor, zero: Tensor, codes: Tensor) -> Tensor:
-    """Quantize the pruned column q (out, 1) (column i of the block W1, column col of the layer) and write
-    its codes. With groups, scale/zero of the group are computed at its first column from the current
-    weights W1 with the pruned entries known so far (mask M1) set to zero."""
+                     symmetric: bool, scale: Tensor, zero: Tensor, codes_t: Tensor) -> Tensor:
+    """Quantize the pruned column q (out,) (row i of the block W1 = W^T[i1:i2], column col of the layer)
+    and write its codes to codes_t (in, out). With groups, scale/zero of the group are computed at its first
+    column from the current weights with the pruned entries known so far (mask M1) set to zero."""
     g = col // group_size if group_size > 0 else 0
     if group_size > 0 and col % group_size == 0:
-        src = W1[:, i:i + group_size]
-        src = torch.where(M1[:, i:i + group_size], src, torch.zeros_like(src))
+        src = torch.where(M1[i:i + group_size], W1[i:i + group_size], 0.0).t()
         s, z = choose_qparams(src, bits, symmetric)
-        scale[:, g:g + 1], zero[:, g:g + 1] = s, z
-    s, z = scale[:, g:g + 1], zero[:, g:g + 1]
+        scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+    s, z = scale[:, g], zero[:, g]
     c = quantize(q, s, z, bits)
-    codes[:, col] = c.squeeze(1).to(torch.uint8)
+    codes_t[col] = c.to(torch.uint8)
     return dequantize(c, s, z)

@@ -22,9 +22,10 @@ from ..errors import ConfigError, SlimlmError
 from .quant import (
     QuantResult,
     choose_qparams,
+    dequantize,
     group_qparams,
-    max_code,
     num_groups,
+    quantize,
     search_group_qparams,
 )
 
@@ -157,7 +158,6 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: b
     # has passed it, so a block's codes are rounded in one operation after the block.
     WT = W[:, perm].t().contiguous()
     del W
-    maxq = float(max_code(bits))
     gcol = torch.as_tensor(col_group, device=WT.device)
     codes_t = torch.empty(in_f, out_f, dtype=torch.uint8, device=WT.device)
     Hinv = prep.hinv_u
@@ -178,10 +178,10 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: b
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
                 S1[i:i + group_size], Z1[i:i + group_size] = s.t(), z.t()
             w, s, z = W1[i], S1[i], Z1[i]
-            q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)            # quantize
-            e = torch.sub(w, q.sub_(z).mul_(s), out=E1[i]).div_(H1[i, i])   # (w - dequantize(q)) / [H^-1]_ii
+            q = quantize(w, s, z, bits)
+            e = torch.sub(w, dequantize(q, s, z, out=q), out=E1[i]).div_(H1[i, i])   # error / [H^-1]_ii
             W1[i + 1:].addmm_(H1[i, i + 1:, None], e[None], alpha=-1)
-        codes_t[i1:i2] = torch.div(W1, S1).round_().add_(Z1).clamp_(0, maxq)
+        codes_t[i1:i2] = quantize(W1, S1, Z1, bits)
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), E1, alpha=-1)
     codes = codes_t[torch.argsort(perm)].t().contiguous()
     return QuantResult(codes, scale, zero, g_idx.to(torch.int32), bits, group_size, symmetric)

@@ -45,14 +45,15 @@ def range_qparams(wmin: Tensor, wmax: Tensor, bits: int, symmetric: bool) -> tup
     return scale, zero
 
 
-def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
-    """Integer codes (same shape as w, float dtype holding integers in [0, 2^b - 1])."""
-    return torch.clamp(torch.round(w.float() / scale) + zero, 0, max_code(bits))
+def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int, *, out: Tensor | None = None) -> Tensor:
+    """Integer codes (same shape as w, float dtype holding integers in [0, 2^b - 1]); written into `out`
+    when given (solvers that round column after column reuse one buffer)."""
+    return torch.div(w.float(), scale, out=out).round_().add_(zero).clamp_(0, max_code(bits))
 
 
-def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    """w_hat = (q - z) * s, in fp32."""
-    return (q.float() - zero) * scale
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """w_hat = (q - z) * s, in fp32; written into `out` when given (out=q dequantizes in place)."""
+    return torch.sub(q.float(), zero, out=out).mul_(scale)
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
@@ -117,13 +118,12 @@ def search_group_qparams(W: Tensor, bits: int, symmetric: bool, group_size: int,
     best_err = torch.full((out_f, G, 1), float("inf"), device=W.device)
     best_s = torch.ones_like(best_err)
     best_z = torch.zeros_like(best_err)
-    maxq = float(max_code(bits))
     t = torch.empty_like(Wg)
     for k in range(grid + 1):
         p = 1.0 - k * max_shrink / grid
         s, z = range_qparams(wmin * p, wmax * p, bits, symmetric)
-        # fake_quantize(Wg, s, z) - Wg, in place in one buffer (the grid runs 21 times over the whole weight)
-        torch.div(Wg, s, out=t).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s).sub_(Wg)
+        # fake_quantize(Wg, s, z) - Wg, in one buffer (the grid runs 21 times over the whole weight)
+        dequantize(quantize(Wg, s, z, bits, out=t), s, z, out=t).sub_(Wg)
         err = t.square_().mul_(c).sum(dim=2, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

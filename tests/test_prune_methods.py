@@ -134,6 +134,16 @@ def test_sparsegpt_is_true_sequential_by_default_except_with_dense_propagation()
     assert SparseGPTConfig(sparsity="0.5", propagate="dense").true_sequential is False
 
 
+def test_wanda_propagates_dense_by_default_and_the_shared_help_names_both_defaults():
+    from dataclasses import fields
+    assert WandaConfig(sparsity="0.5").propagate == "dense"
+    assert SparseGPTConfig(sparsity="0.5").propagate == "compressed"
+    # the CLI shows one --propagate for both methods: its help must be right for each
+    helps = {next(f for f in fields(c) if f.name == "propagate").metadata["help"] for c in (WandaConfig, SparseGPTConfig)}
+    assert len(helps) == 1
+    assert "default dense for Wanda" in helps.pop()
+
+
 @pytest.mark.parametrize("method,sparsity", [("wanda", "2:4"), ("sparsegpt", "0.5")])
 def test_dense_propagation_prunes_exactly_and_close_to_compressed(method, sparsity):
     """propagate=dense (one forward per block) gives the same exact pattern, reports itself, and on a tiny

@@ -379,7 +379,15 @@ def test_cli_errors(model_dir, tmp_path, capsys, args, words):
 
 
 def test_dense_propagation_asked_on_the_runner_holds():
+    # the config asks compressed (Wanda's default is dense, which would make this pass whatever the runner says)
+    model = tiny_model("llama")
+    report = api.prune(model, WandaConfig(sparsity="0.5", propagate="compressed"), data=random_windows(8, 32),
+                       runner=RunnerOptions(fast=False, progress=False, propagate="dense"))
+    assert report["propagate"] == "dense"
+
+
+def test_wanda_runs_dense_by_default():
     model = tiny_model("llama")
     report = api.prune(model, WandaConfig(sparsity="0.5"), data=random_windows(8, 32),
-                       runner=RunnerOptions(fast=False, progress=False, propagate="dense"))
+                       runner=RunnerOptions(fast=False, progress=False))
     assert report["propagate"] == "dense"

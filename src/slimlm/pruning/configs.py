@@ -191,10 +191,11 @@ class WandaConfig(CalibratedPruneConfig):
 
     Its default propagation is 'dense' (one forward per block, every block scored on the dense model's
     activations), not the reference's 'compressed': Wanda updates no weights, so it has no reconstruction
-    that scoring on the pruned model's activations would serve, and on SmolLM2-135M (128 x 512 calibration windows, README's
-    benchmark) dense gave lower perplexity at 50% (66.70 against 69.37) and 2:4 (163.55 against 179.42-187.57)
-    with one forward per block instead of two. (The dense figures are from the AVX2 CPU with fp32 passes, the
-    compressed ones from the AVX512-BF16 CPU, with bf16 and fp32 passes: not yet compared on one machine.)
+    that scoring on the pruned model's activations would serve. On SmolLM2-135M (128 x 512 calibration
+    windows, README's benchmark) dense gave lower perplexity at 50% (66.70 against 69.37) and 2:4 (163.55
+    against 179.42-187.57) with one forward per block instead of two. The dense figures are from the AVX2
+    CPU with fp32 passes, the compressed ones from the AVX512-BF16 CPU with bf16 and fp32 passes: the two
+    have not been compared on one machine.
     """
     propagate: str = field(default="dense", metadata={"help": PROPAGATE_HELP})
 

@@ -229,10 +229,14 @@ def _textbook_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int)
     return codes
 
 
-def test_solver_agrees_with_the_textbook_algorithm(layer):
-    """The lazy-block, in-place solver gives the codes of the plain column-by-column algorithm in fp64 (a few
-    may round the other way where fp32 and fp64 land on either side of a rounding boundary)."""
+@pytest.mark.parametrize("act_order", [False, True])
+def test_solver_agrees_with_the_textbook_algorithm(layer, act_order):
+    """The lazy-block, in-place solver on W^T gives the codes of the plain column-by-column algorithm in fp64
+    (a few may round the other way where fp32 and fp64 land on either side of a rounding boundary). With
+    act-order the textbook runs on the columns sorted by descending diag(H), groups consecutive in that
+    order, and its codes are put back in the original order."""
     W, H = layer
-    ours = gptq_quantize(W, H, 3, 32, False, act_order=False, block_size=64)
-    ref = _textbook_gptq(W, H, 3, 32)
+    ours = gptq_quantize(W, H, 3, 32, False, act_order=act_order, block_size=64)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(W.shape[1])
+    ref = _textbook_gptq(W[:, perm], H[perm][:, perm], 3, 32)[:, torch.argsort(perm)]
     assert (ours.codes.long() == ref).float().mean() > 0.995

@@ -196,6 +196,7 @@ QUANT_CASES = {
     "awq_w3g64_module": ("awq", {"bits": "3", "group_size": "64", "search_loss": "module",
                                  "search_windows": "16"}, None, {}),
     "awq_w3g64_clipskip": ("awq", {"bits": "3", "group_size": "64", "clip_skip": "q_proj,k_proj"}, None, {}),
+    "awq_w3g64_skip1": ("awq", {"bits": "3", "group_size": "64", "skip_positions": "1"}, None, {}),
     "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
     "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),
     "nf4_dq": ("nf4", {}, None, {}),

@@ -322,6 +322,35 @@ def _run_sequential(arch, staged, stash_bf16=False, batch_size=2):
     return rec, calls, logits
 
 
+@pytest.mark.parametrize("staged,sequential", [(True, True), (False, True), (False, False)])
+def test_skipped_positions_stay_out_of_every_statistic(staged, sequential):
+    """skip_positions=k: every group's statistics are those of its inputs at positions k.. of each window
+    (the first k positions still run through the model), on every pass: discovery, statistics, staged."""
+    model = tiny_model("llama")
+    w = random_windows(6, 16)
+    captured = {}
+
+    def keep(_m, a, _n):
+        captured[_n] = a[0][:, 2:].reshape(-1, a[0].shape[-1])
+    hooks = [m.register_forward_pre_hook(lambda _m, a, _n=n: keep(_m, a, _n))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    with torch.no_grad():
+        model(w)
+    for h in hooks:
+        h.remove()
+    rec = Recorder(needs=("hessian", "abs_sum"), sequential=sequential)
+    run_layerwise(model, w, rec, RunnerOptions(batch_size=4, fast=False, progress=False, stash_bf16=False,
+                                               staged=staged, skip_positions=2))
+    assert len(rec.groups) == 8
+    for _, names, st in rec.groups:
+        x = captured[names[0]].double()
+        assert st.nsamples == 6 * 14 == x.shape[0]
+        torch.testing.assert_close(st.hessian.double(), 2 / x.shape[0] * x.T @ x, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(st.abs_sum.double(), x.abs().sum(0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="skip_positions"):
+        RunnerOptions(skip_positions=-1)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3"])
 def test_staged_passes_equal_the_generic_true_sequential_passes(arch):
     """Each group's statistics, the rewritten model, and what each block is shown are those of the generic

@@ -366,6 +366,34 @@ def test_awq_rms_scales_and_clip_refinement_change_the_result():
     assert not AWQConfig().rms_scales and not AWQConfig().clip_refine    # the defaults
 
 
+def test_awq_skip_positions_leaves_the_first_tokens_out_of_its_statistics(monkeypatch):
+    """skip_positions=1: the scales and clipping are chosen on statistics without position 0 of each window
+    (seen by the processor: one token fewer per window), which changes the result and stays ahead of RTN; a
+    value that leaves no token, or a negative one, is refused."""
+    from slimlm.quant.awq import AWQProcessor
+    seen = []
+    original = AWQProcessor.process
+
+    def spy(self, ctx, group):
+        seen.append(group[0][1].nsamples)
+        return original(self, ctx, group)
+    monkeypatch.setattr(AWQProcessor, "process", spy)
+    ref = logits(salient_model("llama"))
+    _, _, rtn = quantized(salient_model("llama"), RTNConfig(bits=3, group_size=32))
+    _, _, base = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32))
+    assert set(seen) == {DATA.numel()}
+    seen.clear()
+    _, _, skip = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, skip_positions=1))
+    assert set(seen) == {DATA.numel() - DATA.shape[0]}
+    assert not torch.equal(logits(skip), logits(base))
+    assert sqnr_db(ref, logits(skip)) > sqnr_db(ref, logits(rtn)) + 1.0
+    with pytest.raises(ConfigError, match="skip_positions"):
+        AWQConfig(bits=3, group_size=32, skip_positions=-1)
+    with pytest.raises(ConfigError, match="skip_positions"):
+        slimlm.quantize(salient_model("llama"), AWQConfig(bits=3, group_size=32, skip_positions=DATA.shape[1]),
+                        data=DATA, runner=RUNNER)
+
+
 def test_awq_refuses_dense_propagation():
     """AWQ's search reads each block's inputs; with propagate='dense' they would be its outputs."""
     model = tiny_model("llama")

@@ -102,7 +102,11 @@ class LinearStats:
     sq_sum: Tensor | None = None    # (in,) fp32: sum_t x_t^2   (Wanda's ||X_j||_2^2)
     abs_sum: Tensor | None = None   # (in,) fp32: sum_t |x_t|   (AWQ's activation magnitude * n)
 
-    def add(self, x: Tensor, needs: frozenset, fast: bool) -> None:
+    def add(self, x: Tensor, needs: frozenset, fast: bool, skip: int = 0) -> None:
+        """Accumulate the rows of x (batch, positions, in) or (rows, in); `skip` > 0 leaves out the first
+        `skip` positions of every window (3-D x only)."""
+        if skip and x.dim() == 3:
+            x = x[:, skip:]
         # Hooks run inside the bf16 autocast of the forward pass; the statistics must not.
         with torch.autocast(device_type=x.device.type, enabled=False):
             self._add(x, needs, fast)
@@ -209,10 +213,16 @@ class RunnerOptions:
     stash_bf16: bool = True          # staged: keep the down_proj inputs between stages in bf16 (half the memory)
     propagate: str = "compressed"    # next block's inputs: outputs of the compressed block (a second forward
                                      # per block) or "dense": the statistics pass's own outputs (see above)
+    skip_positions: int = 0          # statistics leave out the first k positions of every window (their
+                                     # tokens still run through the model): the attention-sink token 0
+                                     # carries massive activations (SmolLM2 layer 11's down_proj input: 3497
+                                     # at position 0, at most 8.7 elsewhere; 99.8% of E[x^2])
 
     def __post_init__(self) -> None:
         if self.propagate not in PROPAGATE:
             raise ValueError(f"propagate must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
+        if self.skip_positions < 0:
+            raise ValueError(f"skip_positions must be 0 or more, got {self.skip_positions}")
 
 
 PROPAGATE = ("compressed", "dense")
@@ -327,7 +337,7 @@ class FirstBatch:
 
 def discover_groups(ctx: BlockContext, needs: frozenset = frozenset(), fast_stats: bool = False,
                     stat_groups: int | None = None,
-                    keep_output: bool = False) -> tuple[list[list[LinearInfo]], FirstBatch | None]:
+                    keep_output: bool = False, skip: int = 0) -> tuple[list[list[LinearInfo]], FirstBatch | None]:
     """Linear layers of the block in execution order, grouped by the input tensor they share (consecutive
     layers called on the same tensor object); with `needs`, batch 0's statistics of the first `stat_groups`
     groups (all by default) and, with `keep_output`, the block's output (FirstBatch is None when a linear
@@ -351,7 +361,7 @@ def discover_groups(ctx: BlockContext, needs: frozenset = frozenset(), fast_stat
                     groups.append([info])
                     st = LinearStats()
                     if needs and (stat_groups is None or len(stats) < stat_groups):
-                        st.add(x.detach(), needs, fast_stats)
+                        st.add(x.detach(), needs, fast_stats, skip)
                     stats.append(st)
                 seen[_name] = len(groups) - 1
                 state["last_x"] = x
@@ -379,7 +389,7 @@ def _collect(ctx: BlockContext, groups: list[list[LinearInfo]], needs: frozenset
     hooks = []
     for g, st in zip(groups, stats):
         def pre(mod, args, _st=st, _stop=(g[0].module is last and not keep_outputs)):
-            _st.add(args[0].detach(), needs, opts.fast_stats)
+            _st.add(args[0].detach(), needs, opts.fast_stats, opts.skip_positions)
             if _stop:
                 raise StopForward
         hooks.append(g[0].module.register_forward_pre_hook(pre))
@@ -601,7 +611,7 @@ def run_staged(ctx: BlockContext, lay: StagedLayout, groups: list[list[LinearInf
     def stats_of(xs: Callable[[int], Tensor], start: int = 0, seed: LinearStats | None = None) -> LinearStats:
         st = seed or LinearStats()
         for b in range(start, n):
-            st.add(xs(b), needs, opts.fast_stats)
+            st.add(xs(b), needs, opts.fast_stats, opts.skip_positions)
         st.finalize()
         return st
 
@@ -695,7 +705,8 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
             if lay is None:
                 groups, first = discover_groups(ctx, needs, opts.fast_stats,
                                                 stat_groups=1 if processor.sequential else None,
-                                                keep_output=dense or (staged and staged_ok is None))
+                                                keep_output=dense or (staged and staged_ok is None),
+                                                skip=opts.skip_positions)
                 if staged and staged_ok is not False and first is not None:
                     lay = staged_layout(block, groups)
             if lay is not None and staged_ok is None:   # checked once, on the first block, before any rewrite

@@ -23,6 +23,7 @@ For each group of layers sharing an input x (q/k/v; o; gate/up; down):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from slimlm.core.awq import (
     weight_channel_mean,
 )
 from slimlm.core.quant import QuantResult
+from slimlm.errors import ConfigError
 from slimlm.pruning.configs import name_matches, split_list
 from slimlm.quant.configs import AWQConfig
 from slimlm.quant.targets import Target, check_matches, plan_targets, report, swap_in
@@ -398,6 +400,11 @@ def apply_awq(model: nn.Module, config: AWQConfig, data: Tensor, runner: RunnerO
     for p in split_list(config.clip_skip):
         check_matches(p, list(plan), "clip_skip")
     proc = AWQProcessor(config, plan)
+    if config.skip_positions:
+        if config.skip_positions >= data.shape[1]:
+            raise ConfigError(f"skip_positions {config.skip_positions} leaves nothing of the {data.shape[1]}-token "
+                              "calibration windows; use a smaller value (e.g. 1)")
+        runner = dataclasses.replace(runner, skip_positions=config.skip_positions)
     if any(t.in_block for t in plan.values()):
         run_layerwise(model, data, proc, runner)
     rtn_n = quantize_rest(plan, config, proc.results)

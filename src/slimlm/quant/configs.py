@@ -211,9 +211,15 @@ class AWQConfig(IntQuantConfig):
     clip_skip: str = field(default="", metadata={
         "help": "comma-separated patterns of layers rounded on their whole min-max range, without the clipping "
                 "search (the AWQ reference code skips q_proj and k_proj: 'q_proj,k_proj')"})
+    skip_positions: int = field(default=0, metadata={
+        "help": "leave the first k positions of every calibration window out of the statistics that choose "
+                "the scales and the clipping (the attention-sink token 0 carries massive activations that "
+                "can dominate E[x x^T]); 0 keeps every token"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.skip_positions < 0:
+            raise ConfigError(f"skip_positions must be 0 or more, got {self.skip_positions}; e.g. 1")
         if self.group_size == 0:
             raise ConfigError("AWQ needs group_size -1 (per channel) or g > 0 (e.g. 64), not 0 (per tensor)")
         if self.search_loss not in AWQ_SEARCH_LOSSES:

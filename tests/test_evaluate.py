@@ -58,6 +58,27 @@ def test_speed_reports_both_phases():
     assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["runs"] == 3
 
 
+def test_speed_computes_only_the_logits_a_generation_needs():
+    """The prefill forward asks for the last position's logits only (as generate() does): the output layer
+    never sees more than one position, and the greedy tokens are those of full-logit greedy decoding."""
+    model = tiny_model("llama")
+    seen = []
+    h = model.lm_head.register_forward_hook(lambda _m, a, _o: seen.append(a[0].shape[1]))
+    prompt = torch.arange(16) % 128
+    E.speed(model, prompt, new_tokens=4, runs=1)
+    h.remove()
+    assert seen and set(seen) == {1}
+    ids = prompt[None]
+    with torch.no_grad():
+        for _ in range(3):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], 1)
+    got = []
+    h = model.lm_head.register_forward_hook(lambda _m, _a, o: got.append(int(o[0, -1].argmax())))
+    E._greedy(model, prompt[None], 2)
+    h.remove()
+    assert got == ids[0, 16:].tolist()
+
+
 def test_evaluate_api_end_to_end(text_file):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     r = slimlm.evaluate(model, tok, str(text_file), windows=4, seqlen=64, reference=model, progress=False)

@@ -172,7 +172,9 @@ def speed(model: nn.Module, prompt: Tensor, *, new_tokens: int = 32, runs: int =
     """Prefill and greedy decode tokens/s at batch 1 with the KV cache, medians over `runs`.
 
     prefill = prompt tokens / time of the first forward; decode = new tokens / time of the single-token
-    steps that follow.
+    steps that follow. The first forward computes the logits of the last prompt position only, as
+    transformers' generate() does (logits_to_keep=1, where the model's forward takes it): the output layer's
+    product for the other prompt positions serves no generation. (Before 2026-12-02 it computed all of them.)
     """
     ids = prompt[None]
     prefill, decode = [], []
@@ -197,13 +199,25 @@ def _out_cache(out):
     return c if c is not None else out.past_key_values
 
 
+def _last_logits_kwargs(model: nn.Module) -> dict:
+    """{"logits_to_keep": 1} (transformers >= 4.50; "num_logits_to_keep" before) where forward takes it."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def _greedy(model: nn.Module, ids: Tensor, n: int) -> tuple[float, float]:
     key = _cache_kwarg(model)
+    last_only = _last_logits_kwargs(model)
     # on a GPU the calls return before the kernels finish: wait for them at each clock reading
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, **last_only)
     sync()
     t1 = time.perf_counter()
     past = _out_cache(out)

@@ -227,6 +227,10 @@ PRUNE_CASES.update({
                              None, {}),
     "structured_20_activation": ("structured", {"ratio": "0.2", "importance": "activation",
                                                 "head_fraction": "0"}, None, {}),
+    "structured_10_activation": ("structured", {"ratio": "0.1", "importance": "activation",
+                                                "head_fraction": "0"}, None, {}),
+    "structured_30_activation": ("structured", {"ratio": "0.3", "importance": "activation",
+                                                "head_fraction": "0"}, None, {}),
     "structured_20_magnitude": ("structured", {"ratio": "0.2", "importance": "magnitude", "head_fraction": "0"},
                                 None, {}),
     # the same 20% with whole decoder layers among the removed units (MLP channels take the rest)

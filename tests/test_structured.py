@@ -261,3 +261,10 @@ def test_taylor_gradients_are_the_sum_over_windows(monkeypatch):
     model.zero_grad()
     sum(model(input_ids=w, labels=w, use_cache=False).loss for w in data.split(1)).backward()
     torch.testing.assert_close(seen[id(lin.weight)], lin.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_default_score_is_activation():
+    """The activation score (Wanda-sp) is the default: it beat Taylor at 10%, 20% and 30% in the benchmark."""
+    from slimlm.pruning.structured import StructuredConfig
+
+    assert StructuredConfig().importance == "activation"

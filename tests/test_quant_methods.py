@@ -355,15 +355,16 @@ def test_awq_rms_scales_and_clip_refinement_change_the_result():
     the clipping range on its own. Each changes the quantized model, and both stay well ahead of RTN."""
     ref = logits(salient_model("llama"))
     _, _, rtn = quantized(salient_model("llama"), RTNConfig(bits=3, group_size=32))
-    _, report, base = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, rms_scales=False))
+    _, report, base = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, rms_scales=False,
+                                                                  clip_refine=False))
     assert "groups_with_rms_scales" not in report                     # zero counts are left out
-    for kw in ({"rms_scales": True}, {"rms_scales": False, "clip_refine": True}):
+    for kw in ({"rms_scales": True, "clip_refine": False}, {"rms_scales": False, "clip_refine": True}):
         _, report, m = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, **kw))
         assert sqnr_db(ref, logits(m)) > sqnr_db(ref, logits(rtn)) + 1.0, kw
         assert not torch.equal(logits(m), logits(base)), kw
         if kw["rms_scales"]:
             assert report.get("groups_with_rms_scales", 0) > 0
-    assert not AWQConfig().rms_scales and not AWQConfig().clip_refine    # the defaults
+    assert not AWQConfig().rms_scales and AWQConfig().clip_refine    # the defaults
 
 
 def test_awq_skip_positions_leaves_the_first_tokens_out_of_its_statistics(monkeypatch):
@@ -484,7 +485,7 @@ def test_awq_clip_skip_rounds_matching_layers_on_their_min_max_range():
     for name, clipped in (("model.layers.0.self_attn.q_proj", False), ("model.layers.0.self_attn.v_proj", True)):
         t = Target(name, LinearInfo(name, lin), 3, 32, True)
         got = proc.quantize(W, gram, t)
-        want = (awq_range_search(W, gram, 3, 32, False, n_grid=20) if clipped else
+        want = (awq_range_search(W, gram, 3, 32, False, n_grid=20, refine=proc.config.clip_refine) if clipped else
                 quantize_clipped(W, W.abs().reshape(16, -1, 32).amax(-1), 3, 32, False))
         assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale), name
     full = quantize_clipped(W, W.abs().reshape(16, -1, 32).amax(-1), 3, 32, False)

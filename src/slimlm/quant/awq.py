@@ -18,7 +18,8 @@ For each group of layers sharing an input x (q/k/v; o; gate/up; down):
    weights, leaves the block's output unchanged (relative error below 1e-3 in fp32): this catches
    non-linear activations, norms feeding other layers too, and norm variants;
 3. per group of weights, the clipping range minimising the output error (core.awq.awq_range_search: the
-   reference's symmetric clamp or the group's [min, max] shrunk on both sides, whichever is better), then
+   reference's symmetric clamp or the group's [min, max] shrunk on both sides, whichever is better; then,
+   with clip_refine (default), each end moved on its own where that lowers the error), then
    round-to-nearest of W diag(s) on that range; layers matching `clip_skip` are rounded on their whole
    min-max range instead.
 """

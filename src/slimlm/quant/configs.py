@@ -197,10 +197,10 @@ class AWQConfig(IntQuantConfig):
     rms_scales: bool = field(default=False, metadata={
         "help": "search scales built on each input channel's root mean square too (sqrt E[x^2]), beside its "
                 "mean |x|, keeping whichever gives the least error (twice the grid points)"})
-    clip_refine: bool = field(default=False, metadata={
+    clip_refine: bool = field(default=True, metadata={
         "help": "asymmetric clipping: after the search over ranges shrunk alike, try each end of every "
                 "group's range on its own (the lower end, then the upper end), keeping a move only when it "
-                "lowers the group's output error"})
+                "lowers the group's output error (default since 2026-12-02: 56.21 against 56.99 at 3-bit g64)"})
     search_loss: str = field(default="layer", metadata={
         "help": "what each alpha is judged on: layer (the group's own outputs, through E[x x^T] over every "
                 "calibration token) or module (the output of the module holding the group, e.g. self_attn "

@@ -671,6 +671,10 @@ def run_layerwise(model: nn.Module, windows: Tensor, processor: Processor,
     if opts.propagate == "dense" and getattr(processor, "reads_inputs", False):
         raise ValueError(f"{type(processor).__name__} reads each block's inputs while processing it; with "
                          "propagate='dense' they are already replaced by the outputs: use propagate='compressed'")
+    if opts.skip_positions and opts.skip_positions >= windows.shape[-1]:
+        from .errors import ConfigError
+        raise ConfigError(f"skip_positions {opts.skip_positions} leaves nothing of the {windows.shape[-1]}-token "
+                          "calibration windows; use a smaller value (e.g. 1)")
     prefix, blocks = find_blocks(model)
     was_training = model.training
     model.eval()

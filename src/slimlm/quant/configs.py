@@ -214,7 +214,7 @@ class AWQConfig(IntQuantConfig):
     skip_positions: int = field(default=0, metadata={
         "help": "leave the first k positions of every calibration window out of the statistics that choose "
                 "the scales and the clipping (the attention-sink token 0 carries massive activations that "
-                "can dominate E[x x^T]); 0 keeps every token"})
+                "can dominate E[x x^T]); 0 keeps every token. search_loss=module still judges on whole windows"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -198,6 +198,10 @@ QUANT_CASES = {
                                  "search_windows": "16", "clip_refine": "false"}, None, {}),
     "awq_w3g64_clipskip": ("awq", {"bits": "3", "group_size": "64", "clip_skip": "q_proj,k_proj", "clip_refine": "false"}, None, {}),
     "awq_w3g64_skip1": ("awq", {"bits": "3", "group_size": "64", "skip_positions": "1", "clip_refine": "false"}, None, {}),
+    # least-squares step sizes after the clipping search (clip_refit), zero points moved too, k/v weighted
+    "awq_w3g64_refit": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3"}, None, {}),
+    "awq_w3g64_refitzero": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true"}, None, {}),
+    "awq_w3g64_refit_kv": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "kv_weight": "true"}, None, {}),
     "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
     "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),
     "nf4_dq": ("nf4", {}, None, {}),

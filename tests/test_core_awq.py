@@ -14,7 +14,7 @@ from slimlm.core.awq import (
     scaled_fake_quantize,
     weight_channel_mean,
 )
-from slimlm.core.quant import dequantize_grouped, max_code, rtn_quantize
+from slimlm.core.quant import default_g_idx, dequantize_grouped, max_code, rtn_quantize
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,45 @@ def test_rms_family_is_searched_after_the_others_and_never_worse(salient):
     assert four.losses[20] == pytest.approx(four.losses[0])          # alpha = 0 of the rms family is s = 1 too
     expect = awq_scales(rms if four.stat == "rms" else a, four.alpha, wm if four.duo else None)
     assert torch.equal(four.scales, expect)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(3, 32, False), (2, 32, False), (4, -1, True)])
+def test_step_size_refit_never_worse_and_keeps_the_zero_points(salient, bits, group_size, symmetric):
+    W, X = salient
+    gram_full = X.T @ X / 256
+    gram = group_grams(gram_full, group_size)
+    base = awq_range_search(W, gram_full, bits, group_size, symmetric, refine=True)
+    refit = awq_range_search(W, gram_full, bits, group_size, symmetric, refine=True, refit=3)
+    e_base = group_output_error(W, base.dequantize(), gram, group_size)
+    e_fit = group_output_error(W, refit.dequantize(), gram, group_size)
+    assert torch.all(e_fit <= e_base * (1 + 1e-6)) and e_fit.sum() < e_base.sum()
+    assert torch.equal(refit.zero, base.zero)                      # only the step sizes move
+    assert torch.all(refit.scale > 0) and not torch.equal(refit.scale, base.scale)
+    # the stored codes are the rounding of W on the refitted grid
+    g = default_g_idx(W.shape[1], group_size).long()
+    expect = torch.clamp(torch.round(W / refit.scale[:, g]) + refit.zero[:, g], 0, max_code(bits))
+    assert torch.equal(refit.codes.float(), expect)
+    # more rounds only ever lower the error further
+    one = awq_range_search(W, gram_full, bits, group_size, symmetric, refine=True, refit=1)
+    e_one = group_output_error(W, one.dequantize(), gram, group_size)
+    assert torch.all(e_fit <= e_one * (1 + 1e-6)) and torch.all(e_one <= e_base * (1 + 1e-6))
+
+
+def test_step_size_refit_with_zero_moves(salient):
+    """refit_zero also tries each zero point one step down and up: never worse than the step sizes alone, each
+    zero point moves at most one step per round and stays on the grid; symmetric grids keep their zero."""
+    W, X = salient
+    W = W + 0.5 * W.abs()
+    gram_full = X.T @ X / 256
+    gram = group_grams(gram_full, 32)
+    scale_only = awq_range_search(W, gram_full, 3, 32, False, refine=True, refit=2)
+    moved = awq_range_search(W, gram_full, 3, 32, False, refine=True, refit=2, refit_zero=True)
+    e_scale = group_output_error(W, scale_only.dequantize(), gram, 32)
+    e_moved = group_output_error(W, moved.dequantize(), gram, 32)
+    assert e_moved.sum() < e_scale.sum()
+    base = awq_range_search(W, gram_full, 3, 32, False, refine=True)
+    step = (moved.zero - base.zero).abs()
+    assert float(step.max()) <= 2 and bool((step > 0).any())
+    assert float(moved.zero.min()) >= 0 and float(moved.zero.max()) <= max_code(3)
+    sym = awq_range_search(W, gram_full, 3, 32, True, refit=2, refit_zero=True)
+    assert torch.equal(sym.zero, awq_range_search(W, gram_full, 3, 32, True, refit=2).zero)

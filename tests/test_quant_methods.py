@@ -236,6 +236,8 @@ def test_bad_awq_grid_sizes():
         AWQConfig(n_grid=0)
     with pytest.raises(ConfigError, match="clip_in_search_grid must be a positive"):
         AWQConfig(clip_in_search_grid=0)
+    with pytest.raises(ConfigError, match="clip_refit must be 0 or more"):
+        AWQConfig(clip_refit=-1)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -495,3 +497,37 @@ def test_awq_clip_skip_rounds_matching_layers_on_their_min_max_range():
     with pytest.raises(ConfigError, match="clip_skip pattern 'qproj'"):
         slimlm.quantize(model, AWQConfig(bits=4, group_size=32, clip_skip="qproj"), data=DATA, runner=RUNNER)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_awq_kv_weight_counts_each_key_value_output_once_per_query_head_it_serves(monkeypatch):
+    """kv_weight: in the q/k/v group's scale search (tiny Llama: 4 query heads, 2 key/value heads) the errors
+    of k_proj and v_proj count twice, q_proj's once; groups of equal widths (gate/up) are unweighted."""
+    import slimlm.quant.awq as A
+    from slimlm.core.awq import scaled_fake_quantize
+
+    seen = []                       # (weights by short name, gram, the loss the grid search was given)
+    real_search, real_grid = A.AWQProcessor.search_scale, A.awq_grid_search
+
+    def search_scale(self, targets, gram, act_mean, module_loss=None):
+        seen.append(({t.name.rsplit(".", 1)[-1]: t.info.weight().clone() for t in targets}, gram.clone(), None))
+        return real_search(self, targets, gram, act_mean, module_loss)
+
+    def grid(act, loss_fn, *a, **k):
+        seen[-1] = seen[-1][:2] + (loss_fn,)
+        return real_grid(act, loss_fn, *a, **k)
+    monkeypatch.setattr(A.AWQProcessor, "search_scale", search_scale)
+    monkeypatch.setattr(A, "awq_grid_search", grid)
+
+    def error(w, gram, s):
+        E = w - scaled_fake_quantize(w, s, 3, 32, False)
+        return float(((E @ gram) * E).sum())
+
+    for kv, k_weight in ((False, 1), (True, 2)):
+        seen.clear()
+        quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, kv_weight=kv))
+        for members, want in ((("q_proj", "k_proj", "v_proj"), {"q_proj": 1, "k_proj": k_weight, "v_proj": k_weight}),
+                              (("gate_proj", "up_proj"), {"gate_proj": 1, "up_proj": 1})):
+            W, gram, loss = next(x for x in seen if set(x[0]) == set(members))
+            s = torch.linspace(0.5, 2.0, gram.shape[0])
+            assert loss(s) == pytest.approx(sum(want[n] * error(w, gram, s) for n, w in W.items()), rel=1e-5)
+    assert not AWQConfig().kv_weight

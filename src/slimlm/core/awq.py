@@ -21,6 +21,7 @@ from .quant import (
     QuantResult,
     default_g_idx,
     group_qparams,
+    max_code,
     quantize_grouped,
     range_qparams,
 )
@@ -129,6 +130,35 @@ def quantize_clipped(W: Tensor, max_abs: Tensor, bits: int, group_size: int, sym
                        symmetric)
 
 
+def _refit_scales(Wg: Tensor, grams: Tensor, scale: Tensor, zero: Tensor, err: Tensor, bits: int,
+                  rounds: int, move_zero: bool = False) -> tuple[Tensor, Tensor]:
+    """Least-squares step sizes (see awq_range_search's `refit`): Wg (out, G, g), grams (G, g, g), scale,
+    zero and their output error err (out, G); returns the refitted (scale, zero) (out, G). With `move_zero`
+    each round also tries the zero points one step down and one step up (each with its own least-squares
+    step size)."""
+    maxq = max_code(bits)
+    CW = torch.bmm(Wg.transpose(0, 1), grams)                                  # (G, out, g): C w per row
+    for _ in range(rounds):
+        improved = False
+        for dz in ((0, -1, 1) if move_zero else (0,)):
+            z = (zero + dz).clamp(0, maxq)
+            D = (torch.clamp(torch.round(Wg / scale.unsqueeze(-1)) + z.unsqueeze(-1), 0, maxq)
+                 - z.unsqueeze(-1)).transpose(0, 1)                            # (G, out, g): q - z
+            num = (CW * D).sum(-1).transpose(0, 1)                             # w^T C d  (out, G)
+            den = (torch.bmm(D, grams) * D).sum(-1).transpose(0, 1)            # d^T C d  (out, G)
+            cand = torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30), scale)
+            E = (Wg - _fake_quant_grouped(Wg, cand, z, bits)).transpose(0, 1)
+            new_err = (torch.bmm(E, grams) * E).sum(-1).transpose(0, 1)
+            better = new_err < err
+            if bool(better.any()):
+                improved = True
+                scale, zero = torch.where(better, cand, scale), torch.where(better, z, zero)
+                err = torch.where(better, new_err, err)
+        if not improved:
+            break
+    return scale, zero
+
+
 def group_output_error(W: Tensor, W_hat: Tensor, gram: Tensor, group_size: int) -> Tensor:
     """Per-group output error (out, G): e_og^T C_g e_og with e = W - W_hat and C_g = X_g^T X_g / n (G, g, g),
     i.e. the mean over samples of (X_g (W_g - W_hat_g)^T)^2, ignoring cross-group terms."""
@@ -146,7 +176,8 @@ def group_grams(gram: Tensor, group_size: int) -> Tensor:
 
 
 def awq_range_search(W: Tensor, gram: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int = 20,
-                     max_shrink: float = 0.5, refine: bool = False) -> QuantResult:
+                     max_shrink: float = 0.5, refine: bool = False, refit: int = 0,
+                     refit_zero: bool = False) -> QuantResult:
     """Clipping as a per-group range search; returns the quantized W (out, in) on the chosen grids.
 
     gram (in, in) = E[x x^T] over the calibration inputs x of W (of the scaled inputs x / s after AWQ
@@ -157,6 +188,11 @@ def awq_range_search(W: Tensor, gram: Tensor, bits: int, group_size: int, symmet
     either family, nor than plain min-max (r = 1), which is only beaten strictly.
     `refine` (asymmetric only) then moves each end on its own: the lower end over min * r with the upper end
     kept, then the upper end over max * r with the lower end kept; again only a strictly better range wins.
+    `refit` rounds of a least-squares step size follow: with the zero point z and the codes q of the best grid
+    fixed, the scale minimising the group's output error is (w^T C d) / (d^T C d) with d = q - z and C the
+    group's block of gram; the codes are rounded again on that scale and the new grid kept only where its
+    error (after that rounding) is strictly lower. `refit_zero` (asymmetric only): each round also tries every
+    zero point one step down and one step up, each with its own least-squares step size.
     """
     if not 0.0 <= max_shrink < 1.0:
         raise ConfigError(f"max_shrink must be in [0, 1), got {max_shrink}")
@@ -193,6 +229,9 @@ def awq_range_search(W: Tensor, gram: Tensor, bits: int, group_size: int, symmet
         for r in ratios:
             consider(lo, wmax * r)
     best_s, best_z = range_qparams(best_lo, best_hi, bits, symmetric)
+    if refit > 0:
+        best_s, best_z = _refit_scales(Wg, grams, best_s, best_z, best_err, bits, refit,
+                                       move_zero=refit_zero and not symmetric)
     g_idx = default_g_idx(W.shape[1], group_size, W.device)
     codes = quantize_grouped(W, best_s, best_z, bits, g_idx)
     return QuantResult(codes, best_s, best_z, g_idx, bits, group_size, symmetric)

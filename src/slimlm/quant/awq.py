@@ -308,6 +308,9 @@ class AWQProcessor:
         E[x x^T], or by `module_loss` (see _module_loss)."""
         weights = [(t, t.info.weight()) for t in targets]
         sym = self.config.symmetric
+        widest = max(W.shape[0] for _, W in weights)
+        share = {t.name: widest // W.shape[0] if self.config.kv_weight and widest % W.shape[0] == 0 else 1
+                 for t, W in weights}
 
         def loss(s: Tensor) -> float:
             total = 0.0
@@ -319,7 +322,7 @@ class AWQProcessor:
                     W_hat = self.quantize(W * s, gram_s, t,  # coarser grid of clipping ratios
                                           n_grid=self.config.clip_in_search_grid).dequantize() / s
                 E = W - W_hat                                                      # (out, in)
-                total += float(((E @ gram) * E).sum())
+                total += share[t.name] * float(((E @ gram) * E).sum())
             return total
         wm = weight_channel_mean([W for _, W in weights], targets[0].group_size) if self.config.duo_scaling else None
         rms = gram.diagonal().clamp(min=0).sqrt() if self.config.rms_scales else None
@@ -369,7 +372,8 @@ class AWQProcessor:
         sym = self.config.symmetric
         if self.config.clip and not any(name_matches(t.name, p) for p in split_list(self.config.clip_skip)):
             return awq_range_search(Ws, gram_s, t.bits, t.group_size, sym, n_grid=n_grid,
-                                    refine=self.config.clip_refine)
+                                    refine=self.config.clip_refine, refit=self.config.clip_refit,
+                                    refit_zero=self.config.clip_refit_zero)
         g = t.group_size if t.group_size > 0 else Ws.shape[1]
         max_abs = Ws.abs().reshape(Ws.shape[0], -1, g).amax(-1)                    # no clipping
         return quantize_clipped(Ws, max_abs, t.bits, t.group_size, sym)

@@ -201,6 +201,18 @@ class AWQConfig(IntQuantConfig):
         "help": "asymmetric clipping: after the search over ranges shrunk alike, try each end of every "
                 "group's range on its own (the lower end, then the upper end), keeping a move only when it "
                 "lowers the group's output error (default since 2026-12-02: 56.21 against 56.99 at 3-bit g64)"})
+    clip_refit: int = field(default=0, metadata={
+        "help": "after the clipping search: rounds of a least-squares step size per group (zero point and codes "
+                "fixed, the scale minimising the group's output error, codes rounded again; kept only where the "
+                "error falls); 0 leaves the searched grid as it is"})
+    clip_refit_zero: bool = field(default=False, metadata={
+        "help": "asymmetric, with clip_refit: each refit round also tries every group's zero point one step "
+                "down and one step up (each with its own least-squares step size), kept only where the error "
+                "falls"})
+    kv_weight: bool = field(default=False, metadata={
+        "help": "in a group's scale search, weight each member's output error by how many outputs of the widest "
+                "member each of its outputs serves (under grouped-query attention a key/value head serves "
+                "num_heads / num_key_value_heads query heads: k_proj and v_proj count that many times)"})
     search_loss: str = field(default="layer", metadata={
         "help": "what each alpha is judged on: layer (the group's own outputs, through E[x x^T] over every "
                 "calibration token) or module (the output of the module holding the group, e.g. self_attn "
@@ -228,6 +240,8 @@ class AWQConfig(IntQuantConfig):
         _require_positive_int("search_windows", self.search_windows, "number of windows (e.g. 32)")
         _require_positive_int("n_grid", self.n_grid, "number of grid points (e.g. 20)")
         _require_positive_int("clip_in_search_grid", self.clip_in_search_grid, "grid size (e.g. 10)")
+        if self.clip_refit < 0:
+            raise ConfigError(f"clip_refit must be 0 or more rounds, got {self.clip_refit}; e.g. 3")
 
 
 @dataclass

@@ -367,6 +367,7 @@ def test_awq_rms_scales_and_clip_refinement_change_the_result():
         if kw["rms_scales"]:
             assert report.get("groups_with_rms_scales", 0) > 0
     assert not AWQConfig().rms_scales and AWQConfig().clip_refine    # the defaults
+    assert AWQConfig().clip_refit == 3 and AWQConfig().clip_refit_zero
 
 
 def test_awq_skip_positions_leaves_the_first_tokens_out_of_its_statistics(monkeypatch):
@@ -487,7 +488,8 @@ def test_awq_clip_skip_rounds_matching_layers_on_their_min_max_range():
     for name, clipped in (("model.layers.0.self_attn.q_proj", False), ("model.layers.0.self_attn.v_proj", True)):
         t = Target(name, LinearInfo(name, lin), 3, 32, True)
         got = proc.quantize(W, gram, t)
-        want = (awq_range_search(W, gram, 3, 32, False, n_grid=20, refine=proc.config.clip_refine) if clipped else
+        want = (awq_range_search(W, gram, 3, 32, False, n_grid=20, refine=proc.config.clip_refine,
+                                 refit=proc.config.clip_refit, refit_zero=proc.config.clip_refit_zero) if clipped else
                 quantize_clipped(W, W.abs().reshape(16, -1, 32).amax(-1), 3, 32, False))
         assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale), name
     full = quantize_clipped(W, W.abs().reshape(16, -1, 32).amax(-1), 3, 32, False)

@@ -5,7 +5,8 @@ For each group of layers sharing an input x (q/k/v; o; gate/up; down):
    with m the mean share of its group's range that each input channel's weights use; (rms_scales, off by
    default) the same again with a = sqrt(E[x^2]) per channel; alpha from a grid on [0, 1) (n_grid points per
    family: 4 x n_grid with both options) minimising the group's output
-   error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 over every calibration token (through E[x x^T];
+   error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 over every calibration token (kv_weight: k/v terms
+   counted once per query head they serve; through E[x x^T];
    with skip_positions = k, over all but the first k positions of each window);
 2. 1/s goes where it costs nothing at run time, found generically by probing the block in fp32:
    - the norm whose output IS x (a forward hook compares tensor identity): weight / s (LayerNorm bias too),
@@ -19,8 +20,9 @@ For each group of layers sharing an input x (q/k/v; o; gate/up; down):
    non-linear activations, norms feeding other layers too, and norm variants;
 3. per group of weights, the clipping range minimising the output error (core.awq.awq_range_search: the
    reference's symmetric clamp or the group's [min, max] shrunk on both sides, whichever is better; then,
-   with clip_refine (default), each end moved on its own where that lowers the error), then
-   round-to-nearest of W diag(s) on that range; layers matching `clip_skip` are rounded on their whole
+   with clip_refine (default), each end moved on its own where that lowers the error; then, with clip_refit
+   (default 3 rounds, with zero-point moves), least-squares step sizes for the codes), then
+   round-to-nearest of W diag(s) on that grid; layers matching `clip_skip` are rounded on their whole
    min-max range instead.
 """
 from __future__ import annotations

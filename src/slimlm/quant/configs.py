@@ -213,7 +213,8 @@ class AWQConfig(IntQuantConfig):
     kv_weight: bool = field(default=False, metadata={
         "help": "in a group's scale search, weight each member's output error by how many outputs of the widest "
                 "member each of its outputs serves (under grouped-query attention a key/value head serves "
-                "num_heads / num_key_value_heads query heads: k_proj and v_proj count that many times)"})
+                "num_heads / num_key_value_heads query heads: k_proj and v_proj count that many times); the layer "
+                "loss only (search_loss=module judges the module's output as it is)"})
     search_loss: str = field(default="layer", metadata={
         "help": "what each alpha is judged on: layer (the group's own outputs, through E[x x^T] over every "
                 "calibration token) or module (the output of the module holding the group, e.g. self_attn "

@@ -203,6 +203,8 @@ QUANT_CASES = {
     "awq_w3g64_refitzero": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true"}, None, {}),
     "awq_w3g64_refitzero_kv": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true",
                                        "kv_weight": "true"}, None, {}),
+    "awq_w3g64_refitzero_rms": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true",
+                                        "rms_scales": "true"}, None, {}),
     "awq_w3g64_refit_kv": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "false", "kv_weight": "true"}, None, {}),
     "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
     "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),

@@ -316,10 +316,15 @@ class AWQProcessor:
 
         def loss(s: Tensor) -> float:
             total = 0.0
-            gram_s = gram / s[:, None] / s[None, :] if self.config.clip_in_search else None
+            judged = self.config.clip_in_search or self.config.refit_in_search
+            gram_s = gram / s[:, None] / s[None, :] if judged else None
             for t, W in weights:
                 if gram_s is None:                       # min-max rounding of W diag(s)
                     W_hat = scaled_fake_quantize(W, s, t.bits, t.group_size, sym)
+                elif not self.config.clip_in_search:     # min-max grids with the least-squares step sizes
+                    W_hat = awq_range_search(W * s, gram_s, t.bits, t.group_size, sym, max_shrink=0.0,
+                                             refit=self.config.clip_refit,
+                                             refit_zero=self.config.clip_refit_zero).dequantize() / s
                 else:                                    # the clipped rounding quantize() will apply, on a
                     W_hat = self.quantize(W * s, gram_s, t,  # coarser grid of clipping ratios
                                           n_grid=self.config.clip_in_search_grid).dequantize() / s

@@ -205,6 +205,8 @@ QUANT_CASES = {
                                        "kv_weight": "true"}, None, {}),
     "awq_w3g64_refitzero_rms": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true",
                                         "rms_scales": "true"}, None, {}),
+    "awq_w3g64_refit_in_search": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true",
+                                          "refit_in_search": "true"}, None, {}),
     "awq_w3g64_refit_kv": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "false", "kv_weight": "true"}, None, {}),
     "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
     "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),

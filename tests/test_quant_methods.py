@@ -501,13 +501,12 @@ def test_awq_clip_skip_rounds_matching_layers_on_their_min_max_range():
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_awq_kv_weight_counts_each_key_value_output_once_per_query_head_it_serves(monkeypatch):
-    """kv_weight: in the q/k/v group's scale search (tiny Llama: 4 query heads, 2 key/value heads) the errors
-    of k_proj and v_proj count twice, q_proj's once; groups of equal widths (gate/up) are unweighted."""
+def spy_awq_search(monkeypatch) -> list:
+    """Record each AWQ group's scale search: (its weights by short layer name, E[x x^T], the loss function the
+    grid search was given), in order."""
     import slimlm.quant.awq as A
-    from slimlm.core.awq import scaled_fake_quantize
 
-    seen = []                       # (weights by short name, gram, the loss the grid search was given)
+    seen = []
     real_search, real_grid = A.AWQProcessor.search_scale, A.awq_grid_search
 
     def search_scale(self, targets, gram, act_mean, module_loss=None):
@@ -519,6 +518,15 @@ def test_awq_kv_weight_counts_each_key_value_output_once_per_query_head_it_serve
         return real_grid(act, loss_fn, *a, **k)
     monkeypatch.setattr(A.AWQProcessor, "search_scale", search_scale)
     monkeypatch.setattr(A, "awq_grid_search", grid)
+    return seen
+
+
+def test_awq_kv_weight_counts_each_key_value_output_once_per_query_head_it_serves(monkeypatch):
+    """kv_weight: in the q/k/v group's scale search (tiny Llama: 4 query heads, 2 key/value heads) the errors
+    of k_proj and v_proj count twice, q_proj's once; groups of equal widths (gate/up) are unweighted."""
+    from slimlm.core.awq import scaled_fake_quantize
+
+    seen = spy_awq_search(monkeypatch)
 
     def error(w, gram, s):
         E = w - scaled_fake_quantize(w, s, 3, 32, False)
@@ -539,24 +547,13 @@ def test_awq_refit_in_search_judges_alpha_after_the_step_size_refit(monkeypatch)
     """refit_in_search: each alpha is scored by the error of min-max grids with the least-squares step sizes;
     the loss the grid search receives equals that error computed independently, and the result differs from
     the default while staying well ahead of RTN."""
-    import slimlm.quant.awq as A
     from slimlm.core.awq import awq_range_search
 
-    seen = []
-    real_search, real_grid = A.AWQProcessor.search_scale, A.awq_grid_search
-
-    def search_scale(self, targets, gram, act_mean, module_loss=None):
-        seen.append(([t.info.weight().clone() for t in targets], gram.clone(), None))
-        return real_search(self, targets, gram, act_mean, module_loss)
-
-    def grid(act, loss_fn, *a, **k):
-        seen[-1] = seen[-1][:2] + (loss_fn,)
-        return real_grid(act, loss_fn, *a, **k)
-    monkeypatch.setattr(A.AWQProcessor, "search_scale", search_scale)
-    monkeypatch.setattr(A, "awq_grid_search", grid)
+    seen = spy_awq_search(monkeypatch)
     ref = logits(salient_model("llama"))
     _, _, joint = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, refit_in_search=True))
     Ws, gram, loss = seen[0]
+    Ws = list(Ws.values())
     s = torch.linspace(0.5, 2.0, gram.shape[0])
     gram_s = gram / s[:, None] / s[None, :]
     expect = 0.0

@@ -534,7 +534,8 @@ def test_awq_kv_weight_counts_each_key_value_output_once_per_query_head_it_serve
 
     for kv, k_weight in ((False, 1), (True, 2)):
         seen.clear()
-        quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, kv_weight=kv))
+        quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, kv_weight=kv,
+                                                       refit_in_search=False))
         for members, want in ((("q_proj", "k_proj", "v_proj"), {"q_proj": 1, "k_proj": k_weight, "v_proj": k_weight}),
                               (("gate_proj", "up_proj"), {"gate_proj": 1, "up_proj": 1})):
             W, gram, loss = next(x for x in seen if set(x[0]) == set(members))
@@ -546,7 +547,7 @@ def test_awq_kv_weight_counts_each_key_value_output_once_per_query_head_it_serve
 def test_awq_refit_in_search_judges_alpha_after_the_step_size_refit(monkeypatch):
     """refit_in_search: each alpha is scored by the error of min-max grids with the least-squares step sizes;
     the loss the grid search receives equals that error computed independently, and the result differs from
-    the default while staying well ahead of RTN."""
+    plain min-max judging while staying well ahead of RTN. It is the default."""
     from slimlm.core.awq import awq_range_search
 
     seen = spy_awq_search(monkeypatch)
@@ -562,7 +563,8 @@ def test_awq_refit_in_search_judges_alpha_after_the_step_size_refit(monkeypatch)
         expect += float(((E @ gram) * E).sum())
     assert loss(s) == pytest.approx(expect, rel=1e-5)
     monkeypatch.undo()
-    _, _, plain = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32))
+    _, _, plain = quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, refit_in_search=False))
     _, _, rtn = quantized(salient_model("llama"), RTNConfig(bits=3, group_size=32))
     assert sqnr_db(ref, logits(joint)) > sqnr_db(ref, logits(rtn)) + 1.0
     assert not torch.equal(logits(plain), logits(joint))
+    assert AWQConfig().refit_in_search

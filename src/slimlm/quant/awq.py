@@ -5,8 +5,9 @@ For each group of layers sharing an input x (q/k/v; o; gate/up; down):
    with m the mean share of its group's range that each input channel's weights use; (rms_scales, off by
    default) the same again with a = sqrt(E[x^2]) per channel; alpha from a grid on [0, 1) (n_grid points per
    family: 4 x n_grid with both options) minimising the group's output
-   error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 over every calibration token (kv_weight: k/v terms
-   counted once per query head they serve; through E[x x^T];
+   error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 over every calibration token (Q: min-max grids with
+   clip_refit's least-squares step sizes under refit_in_search, the default; plain min-max rounding without
+   it; kv_weight: k/v terms counted once per query head they serve; through E[x x^T];
    with skip_positions = k, over all but the first k positions of each window);
 2. 1/s goes where it costs nothing at run time, found generically by probing the block in fp32:
    - the norm whose output IS x (a forward hook compares tensor identity): weight / s (LayerNorm bias too),

@@ -210,10 +210,11 @@ class AWQConfig(IntQuantConfig):
         "help": "asymmetric, with clip_refit: each refit round also tries every group's zero point one step "
                 "down and one step up (each with its own least-squares step size), kept only where the error "
                 "falls"})
-    refit_in_search: bool = field(default=False, metadata={
+    refit_in_search: bool = field(default=True, metadata={
         "help": "judge each alpha by the error after min-max rounding with clip_refit's least-squares step "
                 "sizes (and zero moves) rather than after plain min-max rounding (clip_in_search, when on, "
-                "takes precedence)"})
+                "takes precedence; about twice the compression time). Default true since 2026-12-02: 3-bit "
+                "g64 54.86 against 55.68"})
     kv_weight: bool = field(default=False, metadata={
         "help": "in a group's scale search, weight each member's output error by how many outputs of the widest "
                 "member each of its outputs serves (under grouped-query attention a key/value head serves "

@@ -114,11 +114,20 @@ def measure_speed_pair(model_ref: str, reference: str, runs: int) -> dict:
             got[k]["decode"].append(r["decode_tokens_per_s"])
             got[k]["prefill"].append(r["prefill_tokens_per_s"])
     med = {k: {f: statistics.median(v) for f, v in d.items()} for k, d in got.items()}
+    # each run's own ratio (model over the reference measured just before it): the machine's drift between
+    # runs cancels in it; kept beside the ratio of the medians, which remains the headline figure
+    paired = {f: [m / r for m, r in zip(got["model"][f], got["reference"][f])] for f in ("decode", "prefill")}
     return {"decode_tokens_per_s": med["model"]["decode"], "prefill_tokens_per_s": med["model"]["prefill"],
             "reference_decode_tokens_per_s": med["reference"]["decode"],
             "reference_prefill_tokens_per_s": med["reference"]["prefill"],
             "decode_vs_fp32": med["model"]["decode"] / med["reference"]["decode"],
             "prefill_vs_fp32": med["model"]["prefill"] / med["reference"]["prefill"],
+            "decode_vs_fp32_runs": paired["decode"], "prefill_vs_fp32_runs": paired["prefill"],
+            "decode_vs_fp32_paired_median": statistics.median(paired["decode"]),
+            "prefill_vs_fp32_paired_median": statistics.median(paired["prefill"]),
+            "decode_tokens_per_s_runs": got["model"]["decode"], "prefill_tokens_per_s_runs": got["model"]["prefill"],
+            "reference_decode_tokens_per_s_runs": got["reference"]["decode"],
+            "reference_prefill_tokens_per_s_runs": got["reference"]["prefill"],
             "speed_runs": runs, "prompt_tokens": int(prompt.shape[0]), "new_tokens": 64}
 
 

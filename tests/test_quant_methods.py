@@ -568,3 +568,23 @@ def test_awq_refit_in_search_judges_alpha_after_the_step_size_refit(monkeypatch)
     assert sqnr_db(ref, logits(joint)) > sqnr_db(ref, logits(rtn)) + 1.0
     assert not torch.equal(logits(plain), logits(joint))
     assert AWQConfig().refit_in_search
+
+
+def test_awq_refit_in_search_without_refit_rounds_judges_on_plain_min_max(monkeypatch):
+    """With clip_refit=0 there is no step size to refit: refit_in_search then judges each alpha by plain
+    min-max rounding, on its fast path (no range search per alpha), with the same loss."""
+    import slimlm.quant.awq as A
+    from slimlm.core.awq import scaled_fake_quantize
+
+    seen = spy_awq_search(monkeypatch)
+    quantized(salient_model("llama"), AWQConfig(bits=3, group_size=32, clip_refit=0, refit_in_search=True))
+    Ws, gram, loss = seen[0]
+    s = torch.linspace(0.5, 2.0, gram.shape[0])
+    expect = 0.0
+    for W in Ws.values():
+        E = W - scaled_fake_quantize(W, s, 3, 32, False)
+        expect += float(((E @ gram) * E).sum())
+    searched = []
+    monkeypatch.setattr(A, "awq_range_search", lambda *a, **k: searched.append(1))
+    assert loss(s) == pytest.approx(expect, rel=1e-6)
+    assert not searched

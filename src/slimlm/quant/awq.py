@@ -317,7 +317,8 @@ class AWQProcessor:
 
         def loss(s: Tensor) -> float:
             total = 0.0
-            judged = self.config.clip_in_search or self.config.refit_in_search
+            # refit_in_search with clip_refit=0 has no step size to refit: plain min-max judging, the fast way
+            judged = self.config.clip_in_search or (self.config.refit_in_search and self.config.clip_refit > 0)
             gram_s = gram / s[:, None] / s[None, :] if judged else None
             for t, W in weights:
                 if gram_s is None:                       # min-max rounding of W diag(s)

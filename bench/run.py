@@ -94,7 +94,7 @@ def write_reference(model_ref: str, windows: str, work: str) -> dict:
 
 def measure_speed_pair(model_ref: str, reference: str, runs: int) -> dict:
     """Decode and prefill tokens/s of a model and of the reference, measured in alternation in one process
-    (reference, model, reference, model, ...): machine noise then hits both alike. Medians over `runs`."""
+    (model, reference, model, reference, ...): machine noise then hits both alike. Medians over `runs`."""
     import statistics
 
     import torch
@@ -114,7 +114,7 @@ def measure_speed_pair(model_ref: str, reference: str, runs: int) -> dict:
             got[k]["decode"].append(r["decode_tokens_per_s"])
             got[k]["prefill"].append(r["prefill_tokens_per_s"])
     med = {k: {f: statistics.median(v) for f, v in d.items()} for k, d in got.items()}
-    # each run's own ratio (model over the reference measured just before it): the machine's drift between
+    # each run's own ratio (model over the reference measured right after it): the machine's drift between
     # runs cancels in it; kept beside the ratio of the medians, which remains the headline figure
     paired = {f: [m / r for m, r in zip(got["model"][f], got["reference"][f])] for f in ("decode", "prefill")}
     return {"decode_tokens_per_s": med["model"]["decode"], "prefill_tokens_per_s": med["model"]["prefill"],

@@ -7,7 +7,7 @@ For each group of layers sharing an input x (q/k/v; o; gate/up; down):
    family: 4 x n_grid with both options) minimising the group's output
    error sum_l ||X W_l^T - (X / s) Q(W_l diag(s))^T||^2 over every calibration token (Q: min-max grids with
    clip_refit's least-squares step sizes under refit_in_search, the default; plain min-max rounding without
-   it; kv_weight: k/v terms counted once per query head they serve; through E[x x^T];
+   it and under search_loss=module; kv_weight: k/v terms counted once per query head they serve; through E[x x^T];
    with skip_positions = k, over all but the first k positions of each window);
 2. 1/s goes where it costs nothing at run time, found generically by probing the block in fp32:
    - the norm whose output IS x (a forward hook compares tensor identity): weight / s (LayerNorm bias too),
@@ -315,10 +315,11 @@ class AWQProcessor:
         share = {t.name: widest // W.shape[0] if self.config.kv_weight and widest % W.shape[0] == 0 else 1
                  for t, W in weights}
 
+        # refit_in_search with clip_refit=0 has no step size to refit: plain min-max judging, the fast way
+        judged = self.config.clip_in_search or (self.config.refit_in_search and self.config.clip_refit > 0)
+
         def loss(s: Tensor) -> float:
             total = 0.0
-            # refit_in_search with clip_refit=0 has no step size to refit: plain min-max judging, the fast way
-            judged = self.config.clip_in_search or (self.config.refit_in_search and self.config.clip_refit > 0)
             gram_s = gram / s[:, None] / s[None, :] if judged else None
             for t, W in weights:
                 if gram_s is None:                       # min-max rounding of W diag(s)

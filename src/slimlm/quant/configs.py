@@ -214,8 +214,9 @@ class AWQConfig(IntQuantConfig):
         "help": "judge each alpha by the error after min-max rounding with clip_refit's least-squares step "
                 "sizes (and zero moves) rather than after plain min-max rounding (clip_in_search, when on, "
                 "takes precedence; with clip_refit 0 there is nothing to refit and alpha is judged after plain "
-                "min-max rounding). Default true since 2026-12-02: 3-bit g64 54.86 against 55.68, at 1.6-1.8x "
-                "the compression time with groups of 64 and 3.3x per channel"})
+                "min-max rounding). The layer loss only: search_loss=module judges on plain min-max rounding. "
+                "Default true since 2026-12-02: 3-bit g64 54.86 against 55.68, at 1.6-1.8x the compression "
+                "time with groups of 64 and 3.3x per channel"})
     kv_weight: bool = field(default=False, metadata={
         "help": "in a group's scale search, weight each member's output error by how many outputs of the widest "
                 "member each of its outputs serves (under grouped-query attention a key/value head serves "

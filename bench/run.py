@@ -214,6 +214,7 @@ QUANT_CASES = {
                                        "kv_weight": "true", "refit_in_search": "false"}, None, {}),
     "awq_w3g64_refitzero_rms": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true",
                                         "rms_scales": "true", "refit_in_search": "false"}, None, {}),
+    # the screen of refit_in_search, kept by its name: the same settings as awq_w3g64 since it became the default
     "awq_w3g64_refit_in_search": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true",
                                           "refit_in_search": "true"}, None, {}),
     "awq_w3g64_refit_kv": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "false", "kv_weight": "true", "refit_in_search": "false"}, None, {}),

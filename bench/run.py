@@ -193,12 +193,12 @@ QUANT_CASES = {
     # name: (method, slimlm options, peer method or None, peer options)
     "rtn_w4g64": ("rtn", {"bits": "4", "group_size": "64"}, "rtn", {"bits": 4, "group_size": 64}),
     "rtn_w3g64": ("rtn", {"bits": "3", "group_size": "64"}, "rtn", {"bits": 3, "group_size": 64}),
-    "rtn_w2g64": ("rtn", {"bits": "2", "group_size": "64"}, None, {}),
-    "rtn_w4pc": ("rtn", {"bits": "4", "group_size": "-1"}, None, {}),
+    "rtn_w2g64": ("rtn", {"bits": "2", "group_size": "64"}, "rtn", {"bits": 2, "group_size": 64}),
+    "rtn_w4pc": ("rtn", {"bits": "4", "group_size": "-1"}, "rtn", {"bits": 4, "group_size": -1}),
     "gptq_w4g64": ("gptq", {"bits": "4", "group_size": "64"}, "gptq", {"bits": 4, "group_size": 64}),
     "gptq_w3g64": ("gptq", {"bits": "3", "group_size": "64"}, "gptq", {"bits": 3, "group_size": 64}),
-    "gptq_w2g64": ("gptq", {"bits": "2", "group_size": "64"}, None, {}),
-    "gptq_w4pc": ("gptq", {"bits": "4", "group_size": "-1"}, None, {}),
+    "gptq_w2g64": ("gptq", {"bits": "2", "group_size": "64"}, "gptq", {"bits": 2, "group_size": 64}),
+    "gptq_w4pc": ("gptq", {"bits": "4", "group_size": "-1"}, "gptq", {"bits": 4, "group_size": -1}),
     "awq_w4g64": ("awq", {"bits": "4", "group_size": "64"}, "awq", {"bits": 4, "group_size": 64}),
     "awq_w3g64": ("awq", {"bits": "3", "group_size": "64"}, "awq", {"bits": 3, "group_size": 64}),
     # AWQ variants as measured (before clip_refine, clip_refit, refit_in_search became defaults on 2026-12-02: off in them)
@@ -218,8 +218,8 @@ QUANT_CASES = {
     "awq_w3g64_refit_in_search": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "true",
                                           "refit_in_search": "true"}, None, {}),
     "awq_w3g64_refit_kv": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "false", "kv_weight": "true", "refit_in_search": "false"}, None, {}),
-    "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, None, {}),
-    "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, None, {}),
+    "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, "awq", {"bits": 2, "group_size": 64}),
+    "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, "awq", {"bits": 4, "group_size": -1}),
     "nf4_dq": ("nf4", {}, None, {}),
     "llm_int8": ("int8", {}, None, {}),
 }

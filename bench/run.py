@@ -408,10 +408,16 @@ def _cpu(row: dict, default: dict | None = None) -> str:
     return "avx512_bf16" if m.get("avx512_bf16") else ("avx2" if m.get("avx2") else ("other" if m else "-"))
 
 
-def table(result_name: str) -> str:
-    """A markdown table of a results file (the README's figures are pasted from it)."""
+def table(result_name: str, latest: bool = False) -> str:
+    """A markdown table of a results file (the README's figures are pasted from it).
+
+    latest: only each case's newest row per tool (rows kept from earlier runs carry "@" and their run stamp)."""
     doc = json.loads((P.RESULTS / f"{result_name}.json").read_text())
     rows = doc["figures"]["rows"]
+    if latest:
+        rows = {k: v for k, v in rows.items() if "@" not in k}
+        rows = dict(sorted(rows.items(), key=lambda kv: (kv[1].get("tool") != "reference", kv[0].split("__")[0],
+                                                         kv[1].get("tool") != "slimlm")))
     head = ("| case | tool | ppl persuasion | ppl northanger | KL | top-1 | wall s | peak MB | file x | "
             "resident x | ready MB | decode x | prefill x | run | cpu |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
@@ -461,6 +467,7 @@ def main() -> None:
                         help="alternating model/fp32 runs behind each speed ratio (median)")
     t = sub.add_parser("table", help="print a results file as a markdown table")
     t.add_argument("result", help="quantization or pruning")
+    t.add_argument("--latest", action="store_true", help="only each case's newest rows, not those kept from earlier runs")
     c = sub.add_parser("compress-one", help="(internal) one compression in this process")
     c.add_argument("family")
     c.add_argument("method")
@@ -494,7 +501,7 @@ def main() -> None:
     elif args.cmd == "quant":
         suite_compress(args, "quantize", QUANT_CASES, "quantization")
     elif args.cmd == "table":
-        print(table(args.result))
+        print(table(args.result, latest=args.latest))
     elif args.cmd == "prune":
         suite_compress(args, "prune", PRUNE_CASES, "pruning")
 

@@ -76,3 +76,23 @@ def test_the_peer_evaluates_on_its_first_run_that_works(run, monkeypatch, tmp_pa
     assert peer_row["ppl"] == {"persuasion": 50.0} and peer_row["repeats"] == 2
     assert peer_row["repeat_errors"] == ["killed"]
     assert rows["sg"]["wall_vs_llmcompressor"] == 0.5 and rows["sg"]["peak_vs_llmcompressor"] == 0.5
+
+
+def test_the_latest_table_keeps_each_cases_newest_rows_in_case_order(run, monkeypatch, tmp_path):
+    import json
+
+    rows = {
+        "gptq_w4g64@2026-12-01T00:00:00": {"tool": "slimlm", "ppl_persuasion": 41.0, "run": "old"},
+        "gptq_w4g64": {"tool": "slimlm", "ppl_persuasion": 39.21, "run": "new"},
+        "gptq_w4g64__llmcompressor@2026-12-01T00:00:00": {"tool": "llm-compressor", "ppl": {"persuasion": 41.5}},
+        "gptq_w4g64__llmcompressor": {"tool": "llm-compressor", "ppl": {"persuasion": 40.75}},
+        "awq_w4g64": {"tool": "slimlm", "ppl_persuasion": 40.13},
+        "fp32": {"tool": "reference", "ppl_persuasion": 37.03},
+    }
+    (tmp_path / "quantization.json").write_text(json.dumps({"figures": {"rows": rows}}))
+    monkeypatch.setattr(run.P, "RESULTS", tmp_path)
+    body = run.table("quantization", latest=True).splitlines()[2:]
+    assert [line.split(" | ")[:3] for line in body] == [
+        ["| fp32", "reference", "37.03"], ["| awq_w4g64", "slimlm", "40.13"],
+        ["| gptq_w4g64", "slimlm", "39.21"], ["| gptq_w4g64", "llm-compressor", "40.75"]]
+    assert len(run.table("quantization").splitlines()) == 2 + len(rows)

@@ -74,6 +74,7 @@ def test_fast_mode_stays_close_to_fp32():
     exact, fast = Recorder(), Recorder()
     run_layerwise(model, w, exact, RunnerOptions(fast=False, progress=False))
     run_layerwise(model, w, fast, RunnerOptions(fast=True, fast_stats=True, progress=False))
+    assert [g[:2] for g in exact.groups] == [g[:2] for g in fast.groups] and exact.groups
     for (_, _, a), (_, _, b) in zip(exact.groups, fast.groups):
         rel = (a.hessian - b.hessian).norm() / a.hessian.norm()
         assert rel < 0.05
@@ -387,6 +388,7 @@ def test_staged_passes_fall_back_where_the_block_is_laid_out_otherwise(arch, cap
     if arch == "gemma3":
         assert "do not reproduce" in caplog.text
     torch.testing.assert_close(logits_s, logits_g, rtol=1e-6, atol=1e-6)
+    assert [g[:2] for g in staged.groups] == [g[:2] for g in generic.groups] and staged.groups
     for (_, _, a), (_, _, b) in zip(staged.groups, generic.groups):
         torch.testing.assert_close(a.hessian, b.hessian, rtol=1e-6, atol=1e-7)
 
@@ -399,6 +401,8 @@ def test_staged_bf16_stash_rounds_only_the_propagated_down_inputs():
     a, b = exact.block_inputs[1], rounded.block_inputs[1]
     rel = ((a - b).norm() / a.norm()).item()
     assert 0 < rel < 1e-2
+    assert [g[:2] for g in exact.groups] == [g[:2] for g in rounded.groups]
+    assert any(g[0] == 0 for g in exact.groups)
     for (i, _, x), (_, _, y) in zip(exact.groups, rounded.groups):
         if i == 0:
             torch.testing.assert_close(x.hessian, y.hessian, rtol=1e-6, atol=1e-7)

@@ -153,11 +153,11 @@ def test_singular_hessian_without_damping():
 
 def test_bad_inputs(layer):
     W, H = layer
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="bits must be in 2..8"):
         gptq_quantize(W, H, 1, -1, False)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="group_size 48 must divide"):
         gptq_quantize(W, H, 4, 48, False)
-    with pytest.raises(SlimlmError):
+    with pytest.raises(SlimlmError, match="Hessian contains NaN"):
         gptq_quantize(W, torch.full_like(H, float("nan")), 4, -1, False)
 
 

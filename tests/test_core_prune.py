@@ -38,8 +38,9 @@ def test_parse_sparsity():
     assert parse_sparsity("2:4") == (2, 4)
     assert parse_sparsity((4, 8)) == (4, 8)
     assert parse_sparsity("0.5") == 0.5
-    for bad in ("4:4", "0:4", 1.0, -0.1, "half"):
-        with pytest.raises(ConfigError):
+    for bad, why in (("4:4", "0 < N < M"), ("0:4", "0 < N < M"), (1.0, r"\[0, 1\)"), (-0.1, r"\[0, 1\)"),
+                     ("half", "bad sparsity")):
+        with pytest.raises(ConfigError, match=why):
             parse_sparsity(bad)
 
 
@@ -227,11 +228,11 @@ def test_sparsegpt_dead_inputs(layer):
 
 def test_sparsegpt_bad_args(layer):
     W, H, _ = layer
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="not both"):
         sparsegpt_prune(W, H, sparsity=0.5, prune_n=2, prune_m=4)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="sparsity must be a fraction"):
         sparsegpt_prune(W, H, sparsity=None)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="got 2:3"):
         sparsegpt_prune(W, H, sparsity=None, prune_n=2, prune_m=3)
 
 

@@ -35,7 +35,7 @@ def test_weight_quantization():
     assert torch.all(CB.abs().amax(dim=1)[SCB > 0] == 127) and torch.all(CB[5] == 0)
     err = (L.int8_dequantize_weight(CB, SCB) - W).abs()
     assert torch.all(err <= SCB[:, None] / 254 + 1e-7)  # half a step of absmax / 127
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="2-D floating-point weight"):
         L.int8_quantize_weight(torch.randn(3, 4, 5))
 
 
@@ -116,7 +116,7 @@ def test_shapes_dtype_and_zero_rows():
     assert torch.allclose(y[0, 2].float(), bias.to(torch.bfloat16).float())
     y1 = L.int8_linear(x[0, 0], CB, SCB)  # a single token without batch dims
     assert y1.shape == (48,)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="95 features"):
         L.int8_linear(torch.randn(2, 95), CB, SCB)
 
 

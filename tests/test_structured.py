@@ -98,7 +98,7 @@ def test_block_influence_of_identity_is_zero():
 @pytest.mark.parametrize("kw", [{"ratio": 1.0}, {"ratio": -0.1}, {"importance": "random"}, {"layers": -1},
                                 {"head_fraction": 1.0}, {"channel_multiple": 0}])
 def test_config_validation(kw):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=next(iter(kw))):
         StructuredConfig(**kw)
 
 

@@ -3,12 +3,12 @@ rounded weights, except where w / s is an exact tie, which the two break in a di
 import pytest
 import torch
 
-from slimlm.core import quant as Q
+# compressed-tensors is a dev dependency (pyproject.toml): a missing install fails this file rather than skipping it.
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
-ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize  # noqa: E402
-from compressed_tensors.quantization.utils.helpers import calculate_qparams  # noqa: E402
+from slimlm.core import quant as Q
 
 
 def _theirs(W: torch.Tensor, bits: int, symmetric: bool, group_size: int) -> torch.Tensor:

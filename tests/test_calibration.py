@@ -411,7 +411,7 @@ def test_staged_bf16_stash_rounds_only_the_propagated_down_inputs():
 def test_stashes_reuse_one_arena_and_grow_it_when_needed():
     """Successive stashes (the staged passes' z, then m) are carved from the same bytes; a larger one gets a
     larger buffer; a shorter last batch gets its own tensor; values and dtypes are what was put."""
-    from slimlm.calibration import _Arena, _Stash
+    from slimlm.calibration.passes import _Arena, _Stash
 
     arena = _Arena()
     z = _Stash(3, arena=arena)

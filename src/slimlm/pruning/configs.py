@@ -1,10 +1,5 @@
 """Configs of the unstructured and N:M pruning methods (magnitude, Wanda, SparseGPT), the per-layer sparsity
-schedule syntax and layer-name patterns. Pure string logic: nothing here touches a model.
-
-Layer names are the qualified module names (`model.layers.3.self_attn.q_proj`). A name PATTERN is a glob
-(`*`, `?`, `[...]`) over whole dotted parts: it matches a layer when it matches the full name, a dotted tail
-of it, or a module containing the layer. So `q_proj`, `mlp`, `layers.3`, `self_attn.*_proj` and
-`model.layers.1*` all work; `proj` alone matches nothing (it is not a whole part).
+schedule syntax. Pure string logic: nothing here touches a model. Layer-name patterns: slimlm.selection.
 
 Schedule syntax (`layer_sparsity`), comma-separated items, empty = uniform (`sparsity` everywhere):
     linear:A:B        fraction rising linearly with depth, A in the first decoder block, B in the last
@@ -15,11 +10,10 @@ e.g. "linear:0.3:0.7,down_proj=0.4,layers.0=0".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 
-from ..calibration import PROPAGATE
 from ..core.prune import parse_sparsity
 from ..errors import ConfigError
+from ..selection import PATTERN_HELP, PROPAGATE, name_matches, split_list
 
 Spec = float | tuple[int, int]   # a fraction to remove, or (N, M): N kept of every M inputs
 
@@ -30,21 +24,6 @@ SCHEDULE_HELP = ("per-layer sparsity, empty = uniform. Comma-separated items: 'l
                  "first block to B in the last; 'PATTERN=VALUE' gives layers matching PATTERN the VALUE "
                  "(a fraction or N:M, 0 = dense; first match wins, overrides linear). "
                  "E.g. 'linear:0.3:0.7,down_proj=0.4,layers.0=0'")
-PATTERN_HELP = ("patterns are globs over whole dotted name parts: 'mlp', 'q_proj', 'layers.3', "
-                "'self_attn.*_proj'")
-
-
-def split_list(text: str | list | tuple) -> list[str]:
-    """'a, b,,c' -> ['a', 'b', 'c'] (lists and tuples from the Python API pass through)."""
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    return [s.strip() for s in items if str(s).strip()]
-
-
-def name_matches(name: str, pattern: str) -> bool:
-    """Whether the qualified module `name` matches `pattern` on whole dotted parts (see module docstring)."""
-    return any(fnmatchcase(name, p) for p in (pattern, "*." + pattern, pattern + ".*", "*." + pattern + ".*"))
-
-
 def spec_str(spec: Spec) -> str:
     return f"{spec[0]}:{spec[1]}" if isinstance(spec, tuple) else f"{spec:g}"
 

@@ -55,7 +55,7 @@ from slimlm.core.awq import (
     weight_channel_mean,
 )
 from slimlm.core.quant import QuantResult
-from slimlm.pruning.configs import name_matches, split_list
+from slimlm.selection import name_matches, split_list
 from slimlm.quant.configs import AWQConfig
 from slimlm.quant.targets import Target, check_matches, plan_targets, report, swap_in
 from slimlm.registry import register

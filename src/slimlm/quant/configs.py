@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from slimlm.core.nf4 import QUANT_TYPES
 from slimlm.errors import ConfigError
-from slimlm.pruning.configs import PATTERN_HELP, split_list
+from slimlm.selection import PATTERN_HELP, split_list
 
 FULL_PRECISION = ("none", "fp", "full")
 GROUP_FALLBACKS = ("error", "per-channel")

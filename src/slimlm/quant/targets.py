@@ -19,7 +19,7 @@ from torch import nn
 from slimlm.calibration import LinearInfo, find_blocks, is_linear
 from slimlm.core.quant import QuantResult
 from slimlm.errors import ConfigError
-from slimlm.pruning.configs import PATTERN_HELP, name_matches
+from slimlm.selection import PATTERN_HELP, name_matches
 from slimlm.quant import linear as QL
 from slimlm.quant.configs import IntQuantConfig, LayerSelection
 

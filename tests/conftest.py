@@ -60,6 +60,26 @@ def random_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=g)
 
 
+def plain_agreement(model, reference, windows: torch.Tensor) -> tuple[float, float]:
+    """A plain reference for slimlm.metrics' agreement: mean KL(P_ref || P_model) and top-1 agreement over
+    every predicted position (L - 1 per window), from log-softmaxes written out here."""
+    kl, agree, count = 0.0, 0, 0
+    with torch.no_grad():
+        for w in windows:
+            lp = torch.log_softmax(model(w[None]).logits[0, :-1].double(), -1)        # (L-1, V) model
+            lq = torch.log_softmax(reference(w[None]).logits[0, :-1].double(), -1)    # (L-1, V) reference
+            kl += float((lq.exp() * (lq - lp)).sum())
+            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            count += w.numel() - 1
+    return kl / count, agree / count
+
+
+def text_windows(text: str, seqlen: int, n: int) -> torch.Tensor:
+    """The first n non-overlapping windows of seqlen tokens of `text` under tiny_tokenizer()."""
+    ids = torch.tensor(tiny_tokenizer()(text, add_special_tokens=False)["input_ids"])
+    return ids[: n * seqlen].view(n, seqlen)
+
+
 def tiny_tokenizer():
     """A character-level fast tokenizer (ids < VOCAB) built offline, savable with save_pretrained."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

@@ -7,6 +7,8 @@ import pytest
 
 from slimlm.cli import main
 
+from conftest import TEXT, plain_agreement, text_windows, tiny_model
+
 
 def run(capsys, *argv):
     code = main(list(argv))
@@ -34,13 +36,20 @@ def test_bad_input_is_one_line(capsys, argv, match):
     assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_eval_on_a_local_model(capsys, model_dir, text_file):
+def test_eval_on_a_local_model(capsys, model_dir, text_file, tmp_path):
+    """--reference names another model folder (seed 1): the KL and top-1 agreement printed are those
+    computed here from the two models' log-softmaxes over the same windows."""
+    reference = tiny_model("llama", seed=1)
+    reference.save_pretrained(str(tmp_path / "reference"), safe_serialization=True)
     code, out, err = run(capsys, "eval", "--model", str(model_dir), "--data", str(text_file), "--windows", "3",
-                         "--seqlen", "64", "--no-speed", "--json", "--reference", str(model_dir))
+                         "--seqlen", "64", "--no-speed", "--json", "--reference", str(tmp_path / "reference"))
     assert code == 0, err
     r = json.loads(out)
-    assert r["windows"] == 3 and r["tokens"] == 3 * 63 and r["top1_agreement"] == 1.0
+    assert r["windows"] == 3 and r["tokens"] == 3 * 63
     assert r["disk_bytes"] > 0 and r["parameters"] > 0
+    kl, top1 = plain_agreement(tiny_model("llama"), reference, text_windows(TEXT, 64, 3))
+    assert kl > 0.01 and top1 < 1.0
+    assert r["kl_divergence"] == pytest.approx(kl, rel=1e-4) and r["top1_agreement"] == top1
 
 
 @pytest.mark.parametrize("make,match", [

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import slimlm
 from slimlm import metrics as E
 
-from conftest import random_windows, tiny_model, tiny_tokenizer
+from conftest import TEXT, plain_agreement, random_windows, text_windows, tiny_model, tiny_tokenizer
 
 
 def test_perplexity_is_exp_of_summed_token_loss():
@@ -27,7 +27,10 @@ def test_agreement_with_itself_and_with_another_model():
     same = E.agreement(a, a, w, progress=False)
     assert abs(same["kl_divergence"]) < 1e-6 and same["top1_agreement"] == 1.0
     other = E.agreement(a, b, w, progress=False)
-    assert other["kl_divergence"] > 0.01 and other["top1_agreement"] < 1.0
+    kl, top1 = plain_agreement(a, b, w)
+    assert other["kl_divergence"] == pytest.approx(kl, rel=1e-4) and other["top1_agreement"] == top1
+    assert kl > 0.01 and top1 < 1.0
+    assert plain_agreement(b, a, w)[0] != pytest.approx(kl, rel=1e-2)    # the direction of KL is visible here
 
 
 def test_cached_reference_gives_the_same_agreement_as_the_model(tmp_path):
@@ -82,10 +85,14 @@ def test_speed_computes_only_the_logits_a_generation_needs():
 
 
 def test_evaluate_api_end_to_end(text_file):
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    r = slimlm.evaluate(model, tok, str(text_file), windows=4, seqlen=64, reference=model, progress=False)
-    assert r["windows"] == 4 and r["tokens"] == 4 * 63
-    assert r["top1_agreement"] == 1.0 and r["perplexity"] > 1
+    """The reference is another model (seed 1): its KL and top-1 agreement over the text's first four
+    windows, computed here from log-softmaxes, are what evaluate() reports."""
+    model, reference, tok = tiny_model("llama"), tiny_model("llama", seed=1), tiny_tokenizer()
+    r = slimlm.evaluate(model, tok, str(text_file), windows=4, seqlen=64, reference=reference, progress=False)
+    assert r["windows"] == 4 and r["tokens"] == 4 * 63 and r["perplexity"] > 1
+    kl, top1 = plain_agreement(model, reference, text_windows(TEXT, 64, 4))
+    assert kl > 0.01 and top1 < 1.0
+    assert r["kl_divergence"] == pytest.approx(kl, rel=1e-4) and r["top1_agreement"] == top1
 
 
 def test_size_of_a_quantized_model_counts_logical_weights():

@@ -41,6 +41,21 @@ def x_in(rows=5, seed=1):
     return torch.randn(3, rows, K, generator=torch.Generator().manual_seed(seed))
 
 
+def assert_int8_kernel_error(y, x, r, bias=None):
+    """The int8 per-channel kernel multiplies x~ = bf16(x) by the int8 codes c = q - 128 in fp32, scales by
+    bf16(s) and rounds the result to bf16; an asymmetric zero point adds sum_k(x~_k) * (128 - z) * s in fp32.
+    So y - (x~ @ W_hat^T + b) is at most two bf16 roundings (unit 2^-8) of main = x~ @ ((q - 128) s)^T plus
+    fp32 summation error (unit 2^-24, K terms; 2^-15 covers K = 256 twice). A zero point one step off adds
+    s * sum_k(x~_k), which is several times this bound for most outputs."""
+    xb = x.bfloat16().float().reshape(-1, K)                                   # (T, K)
+    c, s, z = r.codes.float() - 128, r.scale, r.zero                           # (N, K), (N, 1), (N, 1)
+    ref = xb @ r.dequantize().T + (0 if bias is None else bias)              # (T, N)
+    main = xb @ (c * s).T
+    mag = xb.abs() @ (c.abs() * s).T + xb.abs().sum(-1, keepdim=True) * ((128 - z).abs() * s).T
+    err = (y.reshape(-1, N) - ref).abs()
+    assert (err <= 2 ** -7 * main.abs() + 2 ** -15 * mag).all(), float(err.max())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("gs", [-1, 32, 64, 128])
 @pytest.mark.parametrize("sym", [False, True])
@@ -57,6 +72,8 @@ def test_forward_matches_dequantized_matmul(bits, gs, sym):
     assert y.dtype == x.dtype and y.shape == ref.shape
     if bits == 8 and gs > 0:                                            # no kernel: exact fp32 fallback
         torch.testing.assert_close(y, ref)
+    elif bits == 8:                                                     # int8 kernel: bf16 rounding only
+        assert_int8_kernel_error(y, x, r, bias)
     else:                                                               # bf16 activations on the kernels
         assert sqnr_db(ref, y) > 30
 
@@ -75,13 +92,14 @@ def test_int4_kernel_dequant_formula(bits):
     assert sqnr_db(w_hat, out) > 40
 
 
-def test_asymmetric_int8_per_channel_with_offset_weights():
-    r = rtn_result(8, -1, sym=False, offset=1.5)                       # zero points far from 128
+@pytest.mark.parametrize("sym,offset", [(True, 0.0), (False, 0.0), (False, 1.5)])   # 1.5: zero points far from 128
+def test_int8_per_channel_kernel_error_is_bf16_rounding_only(sym, offset):
+    r = rtn_result(8, -1, sym=sym, offset=offset)
     m = QuantLinear.from_result(r)
-    assert m.kernel_corr is not None
-    x = x_in()
+    assert m.layout == "int8" and m.kernel_scales is not None and (m.kernel_corr is None) == sym
+    x = x_in(rows=16)
     with torch.no_grad():
-        assert sqnr_db(x @ r.dequantize().T, m(x)) > 30
+        assert_int8_kernel_error(m(x), x, r)
 
 
 @pytest.mark.parametrize("bits", [3, 4])

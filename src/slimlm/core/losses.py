@@ -1,0 +1,149 @@
+"""The language-model loss over the output layer, computed over chunks of positions so that the (N, V)
+logits and their gradient are never held whole.
+
+For positions i with hidden state h_i (H,), output weight W (V, H), optional bias b (V,) and target y_i:
+    z_i = W h_i + b                                  logits (V,), fp32
+    loss_i = logsumexp(z_i) - z_i[y_i]               cross-entropy
+    dloss_i/dz_i = softmax(z_i) - onehot(y_i)  =: g_i
+    dL/dh_i = g_i W      dL/dW = sum_i g_i^T h_i      dL/db = sum_i g_i
+Positions whose label is `ignore_index` contribute nothing (g_i = 0); "mean" divides by the number of the
+others, as F.cross_entropy does. The forward keeps only logsumexp(z_i) per position; the backward recomputes
+each chunk's logits from h and W (one extra matmul per chunk) instead of storing them (the same idea as
+Liger-Kernel's fused linear cross-entropy).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..errors import ConfigError
+
+
+def _chunk_logits(h: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    """z = h W^T (+ b): h (C, H), W (V, H) fp32 -> (C, V) fp32, one buffer."""
+    h = h.float()
+    return torch.mm(h, W.t()) if b is None else torch.addmm(b, h, W.t())
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Forward: per chunk z, lse = logsumexp(z), loss += lse - z[y]. Backward: per chunk recompute z,
+    g = exp(z - lse) - onehot(y) in place, then grad_h = g W, grad_W += g^T h, grad_b += sum g."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int,
+                ignore_index: int, mean: bool) -> Tensor:
+        N = hidden.shape[0]
+        W = weight.float()                                   # no copy when already fp32
+        b = None if bias is None else bias.float()
+        valid = labels != ignore_index                       # (N,)
+        target = labels.masked_fill(~valid, 0)               # (N,) safe to gather
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            z = _chunk_logits(hidden[s:e], W, b)             # (C, V)
+            z_y = z.gather(1, target[s:e, None]).squeeze(1)  # (C,) target logits, before z is overwritten
+            m = z.amax(1)                                    # (C,) logsumexp in place: m + log sum exp(z - m)
+            lse[s:e] = m + z.sub_(m[:, None]).exp_().sum(1).log_()
+            total += torch.where(valid[s:e], lse[s:e] - z_y, 0.0).sum()
+            del z
+        count = valid.sum()
+        ctx.mean = mean
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(hidden, weight, bias, target, valid, lse, count)
+        return total / count if mean else total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, bias, target, valid, lse, count = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        W = weight.float()
+        b = None if bias is None else bias.float()
+        g_scale = grad_out.float() / count if ctx.mean else grad_out.float()   # () dL/dloss_i
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_W = torch.zeros_like(W) if need_w else None                      # (V, H) fp32 accumulator
+        grad_b = torch.zeros_like(b) if need_b else None                      # (V,) fp32
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            e = min(s + ctx.chunk_size, hidden.shape[0])
+            h = hidden[s:e].float()                                           # (C, H)
+            g = _chunk_logits(h, W, b).sub_(lse[s:e, None]).exp_()             # (C, V) softmax, in place
+            g[torch.arange(e - s, device=g.device), target[s:e]] -= 1.0        # - onehot(y)
+            g.mul_(torch.where(valid[s:e], g_scale, 0.0)[:, None])             # ignored rows -> 0
+            if need_h:
+                grad_h[s:e] = torch.mm(g, W)                                   # (C, H)
+            if need_w:
+                grad_W.addmm_(g.t(), h)                                        # (V, H)
+            if need_b:
+                grad_b += g.sum(0)
+            del g
+        if need_w:
+            grad_W = grad_W.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_W, grad_b, None, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                                 chunk_size: int = 1024, ignore_index: int = -100,
+                                 reduction: Literal["sum", "mean"] = "sum") -> Tensor:
+    """Cross-entropy of the logits `hidden @ weight.T + bias` against `labels`, chunked over positions.
+
+    hidden (..., H) any float dtype (bf16 is fine); weight (V, H); bias (V,) or None; labels (...) long with
+    values in [0, V) or `ignore_index`. Returns a scalar fp32 loss equal to
+    F.cross_entropy(hidden.float() @ weight.float().T + bias, labels, ignore_index=..., reduction=...),
+    "mean" being over the positions not ignored (NaN when all are ignored, as there).
+    No logit scaling or soft-capping is applied.
+
+    Gradients flow to hidden, and to weight and bias only when they require grad (a frozen or tied output
+    layer skips the (V, H) accumulation entirely); they are returned in each input's dtype.
+
+    Memory: logits, softmax and gradient exist for one chunk at a time, each computed in place in one
+    (chunk_size, V) fp32 buffer; across chunks only O(N) floats are kept (logsumexp per position). Peak extra
+    memory is therefore chunk_size * V floats plus: an fp32 copy of W when W is not fp32, and, when W
+    requires grad, the (V, H) fp32 grad_weight accumulator (the size of the gradient itself). A plain
+    F.cross_entropy holds N * V logits and as many for their gradient. The price is one more matmul per
+    chunk in the backward (the logits are recomputed).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ConfigError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if chunk_size <= 0:
+        raise ConfigError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    if weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., H) and weight (V, H) disagree: {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(labels.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}; found "
+                         f"{int(labels[bad][0])}")
+    return _ChunkedLinearCE.apply(hidden, weight, bias, labels, chunk_size, ignore_index, reduction == "mean")
+
+
+def shift_labels(input_ids: Tensor, loss_mask: Tensor | None = None, *, ignore_index: int = -100) -> Tensor:
+    """Next-token labels for a causal LM: labels[:, t] = input_ids[:, t + 1], `ignore_index` at the last
+    position and wherever the target token is masked out.
+
+    input_ids (B, T) long. loss_mask (B, T) bool or 0/1, aligned with input_ids: true where the token is
+    one to be predicted (e.g. response tokens, not padding); position t is kept iff loss_mask[:, t + 1].
+    Returns labels (B, T) long, to pair with the hidden states of every input position.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = input_ids[:, 1:]
+    if loss_mask is not None:
+        if loss_mask.shape != input_ids.shape:
+            raise ValueError(f"loss_mask must match input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(loss_mask.shape)}")
+        labels[:, :-1].masked_fill_(~loss_mask[:, 1:].bool(), ignore_index)
+    return labels

@@ -142,6 +142,28 @@ def eval_windows(ids: Tensor, seqlen: int, n: int | None = None) -> Tensor:
     return ids[: k * seqlen].view(k, seqlen)
 
 
+def encoder_windows(ids: Tensor, seqlen: int, n: int | None, tokenizer) -> tuple[Tensor, Tensor]:
+    """(k, seqlen) windows for an encoder and the (seqlen,) bool mask of their text positions.
+
+    Each window is [CLS] + (seqlen - 2) consecutive text tokens + [SEP], the way a BERT-style tokenizer wraps
+    one sequence (its cls and sep tokens; RoBERTa's are <s> and </s>), text windows non-overlapping from the
+    start as in `eval_windows`. A tokenizer without cls and sep tokens gets plain windows. seqlen counts the
+    special tokens (it is the length the model sees), so --seqlen 512 fits BERT's 512 positions.
+    """
+    cls_id, sep_id = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    pre, post = ([cls_id], [sep_id]) if cls_id is not None and sep_id is not None else ([], [])
+    inner = seqlen - len(pre) - len(post)
+    if inner < 1:
+        raise SlimlmError(f"--seqlen must be at least {len(pre) + len(post) + 1} for an encoder "
+                          f"(its window holds {len(pre) + len(post)} special tokens; got {seqlen})")
+    text = eval_windows(ids, inner, n)                                      # (k, inner)
+    k = text.shape[0]
+    win = torch.cat([text.new_tensor(pre).expand(k, -1), text, text.new_tensor(post).expand(k, -1)], 1)
+    scorable = torch.zeros(seqlen, dtype=torch.bool)
+    scorable[len(pre):len(pre) + inner] = True
+    return win, scorable
+
+
 def check_context(model, seqlen: int) -> None:
     """A window longer than the model's context is an input error, not a silent extrapolation."""
     cfg = getattr(model, "config", None)

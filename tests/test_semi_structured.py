@@ -5,7 +5,7 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.pruning import semi_structured as S
 
-from conftest import random_windows, tiny_model
+from conftest import VOCAB, random_windows, tiny_model
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8),
                                reason="the 2:4 kernels need a CUDA GPU of compute capability >= 8.0")
@@ -49,21 +49,47 @@ def test_cpu_model_is_refused_with_a_one_line_error():
         S.to_semi_structured(model, backend="magic")
 
 
+def kernel_sized_llama():
+    """A tiny Llama whose every block linear has both sides a multiple of 64 (q/o 128x128, k/v 64x128,
+    gate/up 256x128, down 128x256): a shape both 2:4 backends tile (CUTLASS needs rows % 32 and
+    columns % 64, cuSPARSELt multiples of 16 for float16)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
 @needs_gpu
 def test_sparse_kernels_match_the_dense_model_on_gpu():
-    model = _prune_2_4(tiny_model("llama")).to("cuda", torch.float16)
-    # the tiny model's 64/128-wide layers may be below the kernels' minimum tile: those stay dense, named
+    model = _prune_2_4(kernel_sized_llama()).to("cuda", torch.float16)
+    blocks = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in blocks}
     ids = random_windows(2, 32).cuda()
     with torch.no_grad():
         dense = model(input_ids=ids).logits.float()
         report = S.to_semi_structured(model)
-        assert set(report["converted"]) | set(report["dense"]) >= {
-            n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        assert "lm_head" in report["dense"]
+        assert set(report["converted"]) == blocks, report["dense"]          # every 2:4 layer converts
+        assert set(report["dense"]) == {"lm_head"}
         sparse = model(input_ids=ids).logits.float()
-    if report["converted"]:
         assert (sparse - dense).norm() <= 1e-2 * dense.norm()
-        assert S.to_dense(model) == len(report["converted"])
+        assert S.to_dense(model) == len(blocks)
+    assert all(torch.equal(model.get_submodule(n).weight, weights[n]) for n in blocks)   # the same dense weights
+
+
+def test_the_gpu_test_model_has_shapes_both_kernels_tile():
+    """Runs anywhere: the model of the GPU comparison above meets the float16 shape limits that PyTorch's
+    CUTLASS and cuSPARSELt 2:4 tensors check, so on a GPU every block linear converts and is compared."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    shapes = [m.weight.shape for n, m in kernel_sized_llama().named_modules()
+              if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    assert len(shapes) == 14
+    for backend in (SparseSemiStructuredTensorCUTLASS, SparseSemiStructuredTensorCUSPARSELT):
+        c = backend._DTYPE_SHAPE_CONSTRAINTS[torch.float16]
+        assert all(r % c.sparse_min_rows == 0 and k % c.sparse_min_cols == 0 for r, k in shapes), (backend, shapes)
 
 
 @needs_gpu

@@ -76,7 +76,9 @@ def test_magnitude_mask_exact_count(sparsity):
         assert W[keep].abs().min() >= W[~keep].abs().max()
 
 
-def test_magnitude_mask_nm():
+def test_magnitude_mask_nm_wiring():
+    """Wiring: magnitude_mask("2:4") hands |W| to nm_mask (checked on its own above); proves the dispatch,
+    not the N:M selection."""
     W = torch.randn(6, 16)
     keep = magnitude_mask(W, "2:4")
     assert torch.equal(keep, nm_mask(W.abs(), 2, 4))
@@ -104,7 +106,8 @@ def test_wanda_mask(sparsity):
         assert torch.all(keep.reshape(12, -1, 4).sum(-1) == 2)
     else:  # per output row comparison group
         assert torch.all(keep.sum(1) == 32)
-        score = wanda_score(W, act_sq)
+        score = W.abs() * act_sq.sqrt()                                 # |W_ij| * ||X_j||_2, the paper's
+        torch.testing.assert_close(wanda_score(W, act_sq), score)
         kept_min = torch.where(keep, score, torch.inf).amin(1)
         assert torch.all(kept_min >= torch.where(keep, -torch.inf, score).amax(1))
 

@@ -3,6 +3,7 @@ download), and helpers. The real default model is used only by tests marked `slo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,22 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 128
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def interop_python(name: str, variable: str) -> str:
+    """The python of an extra environment that runs a real consumer library whose pins clash with ours
+    (`make interop` builds each under .venv/interop/NAME; `make test` builds them and names them in
+    $SLIMLM_*_PYTHON). Named by the variable but missing: the test fails. Not named (a plain pytest run):
+    the default folder if it is built, else the test is skipped with the command that builds it."""
+    named = os.environ.get(variable)
+    python = Path(named) if named else ROOT / ".venv" / "interop" / name / "bin" / "python"
+    if python.is_file():
+        return str(python)
+    if named:
+        pytest.fail(f"${variable} names {python}, which does not exist: run `make interop`")
+    pytest.skip(f"the {name} environment is not built ({python}): run `make interop` (make test builds it "
+                "and fails without it)")
 
 
 def _configs():

@@ -17,3 +17,36 @@ def test_registry_lists_every_method_and_rejects_unknown_names():
     assert {"magnitude", "wanda", "sparsegpt", "structured"} <= set(registry.methods("prune"))
     with pytest.raises(SlimlmError, match="choose one of: .*sparsegpt"):
         registry.get("prune", "nope")
+
+
+def test_no_method_config_field_is_shadowed_by_a_command_option():
+    """Every registered config of every family: no field shares a name with the family command's own options
+    (it could never be set from the CLI), and the command's own options are exactly what the registry reserves."""
+    import dataclasses
+
+    from slimlm import registry
+    from slimlm.cli import _family_command
+
+    for name, fam in registry.families().items():
+        for method in registry.methods(name).values():
+            fields = {f.name for f in dataclasses.fields(method.config_cls)}
+            assert not fields & fam.reserved, (method.name, fields & fam.reserved)
+        own = {p.name for p in _family_command(name).params} - {
+            f.name for m in registry.methods(name).values() for f in dataclasses.fields(m.config_cls)}
+        assert own - {"model_ref"} | {"model"} == fam.reserved
+
+
+def test_registering_a_clashing_config_is_refused():
+    import dataclasses
+
+    import pytest
+
+    from slimlm import registry
+
+    @dataclasses.dataclass
+    class Clashing:
+        batch_size: int = 1
+
+    with pytest.raises(ValueError, match="Clashing has a field 'batch_size'.*--batch-size"):
+        registry.register("quantize", "clashing", Clashing)
+    assert "clashing" not in registry.methods("quantize")

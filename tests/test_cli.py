@@ -87,3 +87,28 @@ def test_demo_makes_its_output_parent_before_any_work(monkeypatch, tmp_path):
         main(["demo", "--output", str(target)])
     assert target.parent.is_dir() and not target.exists()
 
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--device", "cuda"], "PyTorch sees no CUDA GPU"),
+    (["eval", "--device", "tpu"], "--device takes cpu, cuda or cuda:N"),
+    (["eval", "--dtype", "float64"], "--dtype takes one of float32, bfloat16, float16"),
+    (["quantize", "--method", "rtn", "--device", "cuda:3", "--output", "o"], "PyTorch sees no CUDA GPU"),
+])
+def test_device_and_dtype_are_checked_in_one_line(capsys, argv, match):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_eval_loads_in_the_asked_dtype(capsys, model_dir, text_file):
+    code, out, _ = run(capsys, "eval", "--model", str(model_dir), "--data", str(text_file), "--windows", "2",
+                       "--seqlen", "32", "--no-speed", "--json", "--dtype", "bfloat16")
+    assert code == 0
+    res = json.loads(out)
+    fp32 = tiny_model("llama")
+    buffers = sum(b.numel() * b.element_size() for b in fp32.buffers())      # rotary tables stay fp32
+    assert res["resident_bytes"] == sum(p.numel() * 2 for p in fp32.parameters()) + buffers

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimlm import export
 from slimlm.core.quant import QuantResult, choose_qparams, default_g_idx, quantize_grouped, rtn_quantize
 from slimlm.quant.linear import QuantLinear
 
@@ -99,14 +100,13 @@ def test_gptq_export_loads_in_transformers_with_gptqmodel(tmp_path):
     """transformers + optimum + gptqmodel read each export. With gptqmodel's torch kernel the logits are
     those of the fp16-dequantized model to fp32 rounding (a wrong g_idx, zero-point convention or packing
     would be off by far more); the kernel it picks by default on a CPU (bf16 activations) stays within 30 dB."""
-    from slimlm.quant.formats import export_gptq
 
     python = interop_python("gptqmodel", "SLIMLM_GPTQMODEL_PYTHON")
     ids = random_windows(2, 12)
     expected = {}
     for case, (bits, gs, sym, act_order, fmt) in GPTQ_CASES.items():
         model = rtn_linears(tiny_model("llama"), bits, gs, sym, act_order)
-        export_gptq(model, None, tmp_path / case, checkpoint_format=fmt)
+        export(model, None, tmp_path / case, fmt)
         expected[case] = fp16_dequantized_logits(model, ids)
     save_file({"ids": ids}, tmp_path / "ids.safetensors")
     folders = [str(tmp_path / case) for case in GPTQ_CASES]
@@ -148,12 +148,11 @@ def magnitude_prune_(model, n_m=None):
 
 @pytest.mark.parametrize("pattern", [None, (2, 4)], ids=["50%", "2:4"])
 def test_transformers_loads_the_compressed_tensors_sparse_export(tmp_path, pattern):
-    from slimlm.pruning.storage import save_sparse_compressed_tensors
 
     python = interop_python("legacy-ct", "SLIMLM_LEGACY_CT_PYTHON")
     model = magnitude_prune_(tiny_model("llama"), pattern)
     assert float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
-    save_sparse_compressed_tensors(model, None, tmp_path / "ct")
+    export(model, None, tmp_path / "ct", "compressed-tensors")
     ids = random_windows(2, 10)
     with torch.no_grad():
         save_file({"ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.safetensors")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
+from slimlm import export, load_model, registry
 from slimlm.pruning import storage as st
 
 from conftest import random_windows, tiny_model
@@ -156,14 +154,13 @@ def small_embedding_model(dtype):
 @pytest.mark.parametrize("pattern", [None, (2, 4)], ids=["50%", "2:4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_sparse_is_small_and_reloads_exactly(pattern, dtype, tmp_path):
-    from slimlm.pruning.storage import load_sparse, save_sparse
-
     model = magnitude_prune_(small_embedding_model(dtype), pattern)
-    info = save_sparse(model, None, tmp_path / "sparse")
-    ratio = info["bytes"] / dense_bytes(model, tmp_path)
+    assert registry.default_format(model).name == "slimlm"     # a pruned model is not written dense by default
+    export(model, None, tmp_path / "sparse")
+    ratio = (tmp_path / "sparse" / "model.safetensors").stat().st_size / dense_bytes(model, tmp_path)
     assert ratio <= 0.65, ratio
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
-    back = load_sparse(tmp_path / "sparse")
+    back = load_model(str(tmp_path / "sparse"))
     for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(bits_of(a), bits_of(b)), k
     x = random_windows(2, 10)
@@ -171,18 +168,17 @@ def test_save_sparse_is_small_and_reloads_exactly(pattern, dtype, tmp_path):
         assert torch.equal(back(input_ids=x).logits, model(input_ids=x).logits)
 
 
-def test_load_sparse_of_a_nonuniform_structured_model(tmp_path):
-    from slimlm.pruning.storage import load_sparse, save_sparse
+def test_sparse_nonuniform_structured_model_reloads(tmp_path):
     from slimlm.pruning.structured import StructuredConfig, prune_structured
 
     model = tiny_model("qwen2")
     prune_structured(model, StructuredConfig(ratio=0.3, importance="magnitude", uniform=False))
     magnitude_prune_(model)
-    save_sparse(model, None, tmp_path / "out")
+    export(model, None, tmp_path / "out")
     (tmp_path / "out" / "stale").write_text("")  # a second save replaces the whole folder
-    save_sparse(model, None, tmp_path / "out")
+    export(model, None, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "stale").exists()
-    back = load_sparse(tmp_path / "out")
+    back = load_model(str(tmp_path / "out"))
     x = random_windows(2, 10)
     with torch.no_grad():
         assert torch.equal(back(input_ids=x).logits, model(input_ids=x).logits)
@@ -193,7 +189,7 @@ def test_compressed_tensors_layout(tmp_path):
     from compressed_tensors.utils import unpack_bitmasks  # the reference unpacking of the format
 
     model = magnitude_prune_(tiny_model("llama"), (2, 4))
-    st.save_sparse_compressed_tensors(model, None, tmp_path)
+    tmp_path = export(model, None, tmp_path / "ct", "compressed-tensors")
     qcfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "compressed-tensors"
     assert qcfg["sparsity_config"]["format"] == "sparse-bitmask"
@@ -211,34 +207,5 @@ def test_compressed_tensors_layout(tmp_path):
         assert torch.equal(W, state[f"{name}.weight"])
         counts = mask.sum(1)
         assert torch.equal(f.get_tensor(f"{name}.row_offsets"), torch.cumsum(counts, 0) - counts)
-
-
-LEGACY_CT = os.environ.get("SLIMLM_LEGACY_CT")
-LOAD_AND_COMPARE = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-ref = torch.load(sys.argv[2])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
-with torch.no_grad():
-    assert torch.equal(model(input_ids=ref["x"]).logits, ref["logits"]), "logits differ"
-"""
-
-
-@pytest.mark.skipif(not LEGACY_CT, reason="set SLIMLM_LEGACY_CT to a transformers + compressed-tensors pair that "
-                    "still reads sparse-bitmask (see the test's docstring)")
-def test_transformers_loads_the_compressed_tensors_export(tmp_path):
-    """compressed-tensors dropped sparse decompression in 0.15 and transformers 5 needs >= 0.15, so the load runs
-    in a subprocess on an older pair put first on PYTHONPATH, e.g.
-    pip install --no-deps --target DIR transformers==4.55.4 compressed-tensors==0.10.2 \\
-        huggingface_hub==0.34.4 tokenizers==0.21.4       (also passes with 4.51.3 + 0.9.4;
-    4.57.6 + 0.12.2 / 0.14.0.1 fail inside compressed-tensors, which compresses the meta-initialised model)."""
-    for pattern in (None, (2, 4)):
-        model = magnitude_prune_(tiny_model("llama"), pattern)
-        st.save_sparse_compressed_tensors(model, None, tmp_path / "ct")
-        x = random_windows(2, 10)
-        with torch.no_grad():
-            torch.save({"x": x, "logits": model(input_ids=x).logits}, tmp_path / "ref.pt")
-        env = {**os.environ, "PYTHONPATH": LEGACY_CT}
-        done = subprocess.run([sys.executable, "-c", LOAD_AND_COMPARE, str(tmp_path / "ct"), str(tmp_path / "ref.pt")],
-                              env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
+    back = load_model(str(tmp_path))                          # slimlm reads the layout back
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))

@@ -9,11 +9,11 @@ import torch
 
 from slimlm.core import structured as S
 from slimlm.errors import ConfigError, SlimlmError
+from slimlm.models import load_model
 from slimlm.pruning.structured import (
     Selection,
     StructuredConfig,
     apply_selection,
-    load_structured,
     prune_structured,
     select,
 )
@@ -187,12 +187,12 @@ def test_uniform_save_reloads_with_plain_transformers(arch, tmp_path):
     assert n_params(back) == n_params(model)
 
 
-def test_nonuniform_save_reloads_with_load_structured(tmp_path):
+def test_nonuniform_save_reloads_with_load_model(tmp_path):
     model = tiny_model("llama")
     prune_structured(model, StructuredConfig(ratio=0.3, importance="taylor", uniform=False),
                      random_windows(4, 16))
     model.save_pretrained(tmp_path)
-    back = load_structured(tmp_path)
+    back = load_model(str(tmp_path))           # recognised by its per-layer sizes in config.json
     x = random_windows(2, 10, seed=3)
     with torch.no_grad():
         assert torch.equal(back(input_ids=x).logits, model(input_ids=x).logits)

@@ -1,14 +1,14 @@
 """slimlm: make language models small, cheap and fast to adapt, CPU first.
 
-Quantize, prune, adapt and distill in one toolkit, with evaluation built in and outputs that
-transformers, PEFT and vLLM load.
+Quantize and prune (adapting and distilling are being built) in one toolkit, with evaluation built in and
+outputs in the formats transformers and other tools load.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load_model", "load_tokenizer", "save_model", "evaluate", "quantize", "prune",
-           "calibration_data", "SlimlmError"]
+           "export", "calibration_data", "SlimlmError"]
 
 from .errors import SlimlmError
 
@@ -18,7 +18,7 @@ def __getattr__(name: str):
     if name in ("load_model", "load_tokenizer", "save_model"):
         from . import models
         return getattr(models, name)
-    if name in ("evaluate", "quantize", "prune", "calibration_data"):
+    if name in ("evaluate", "quantize", "prune", "export", "calibration_data"):
         from . import api
         return getattr(api, name)
     raise AttributeError(f"module 'slimlm' has no attribute {name!r}")

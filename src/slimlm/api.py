@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,22 +67,90 @@ def prune(model: nn.Module, config: Any, data: Tensor | None = None, runner: Run
     return _apply("prune", model, config, data, runner)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the evaluation's inputs go there)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all():
             raise SlimlmError(f"weight {name} holds NaN or infinite values; the model is broken, fix it first")
 
 
+def _check_heads(kind: str, model: nn.Module, tokenizer, reference, masked_positions: int | None) -> None:
+    """One-line errors for what `evaluate` cannot score, before any text is read."""
+    name = type(model).__name__
+    if kind == "none" and reference is None:
+        raise SlimlmError(f"perplexity needs a language-model head and {name} has none (an embedding model); "
+                          "measure agreement with a reference model's embeddings instead: reference=MODEL "
+                          "(CLI: --reference MODEL)")
+    if kind == "masked":
+        if getattr(tokenizer, "mask_token_id", None) is None:
+            raise SlimlmError(f"{name} is a masked LM but its tokenizer has no mask token; give the model's own tokenizer")
+        if masked_positions is not None and masked_positions < 1:
+            raise SlimlmError(f"--masked-positions must be at least 1 or 'all' (got {masked_positions})")
+    if isinstance(reference, nn.Module):
+        ref_kind = E.lm_kind(reference)
+        if kind != "none" and ref_kind != kind:
+            raise SlimlmError(f"the reference {type(reference).__name__} has a {ref_kind} head and {name} a {kind} "
+                              "one; compare a model with a reference of the same kind")
+        v, rv = (getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, reference))
+        if v is not None and rv is not None and v != rv:
+            raise SlimlmError(f"the reference's vocabulary ({rv} tokens) is not the model's ({v}); "
+                              "compare models that share a tokenizer")
+
+
 def evaluate(model: nn.Module, tokenizer, data: str = D.DEFAULT_SOURCE, *, windows: int | None = 32,
              seqlen: int = 512, reference: nn.Module | None = None, speed: bool = False,
-             disk_bytes: int | None = None, field: str = "text", progress: bool = True) -> dict:
-    """Perplexity (and agreement, size, speed) by the benchmark protocol; returns a flat dict."""
+             disk_bytes: int | None = None, field: str = "text", progress: bool = True,
+             masked_positions: int | None = 32, seed: int = 0) -> dict:
+    """Quality (and size, speed) by the benchmark protocol; returns a flat dict.
+
+    What quality means follows the model's head (metrics.lm_kind):
+    - causal LM: perplexity; with a reference, kl_divergence and top1_agreement per predicted token.
+    - masked LM (a ...ForMaskedLM): pseudo_perplexity (metrics.pseudo_perplexity) over `masked_positions`
+      positions per window drawn with `seed` (None: every position), the windows wrapped [CLS] ... [SEP] with
+      seqlen counting those; with a reference masked LM, masked_kl_divergence and masked_top1_agreement.
+    - no LM head (an embedding model such as all-MiniLM-L6-v2): no perplexity exists, so a reference is
+      required and the result is embedding_cosine_mean / embedding_cosine_min of the windows' mean-pooled
+      embeddings (metrics.embedding_agreement).
+    speed: prefill and decode tokens/s for a causal LM; encode tokens/s of one window for an encoder.
+    """
     D.check_context(model, seqlen)
+    kind = E.lm_kind(model)
+    _check_heads(kind, model, tokenizer, reference, masked_positions)
     ids = D.tokenize(tokenizer, D.load_text(data, field=field))
-    win = D.eval_windows(ids, seqlen, windows)
-    result: dict[str, Any] = {"data": data, "windows": int(win.shape[0]), "seqlen": seqlen}
-    result.update(E.score(model, win, reference, progress=progress))
+    dev = model_device(model)
+    if kind == "causal":
+        win = D.eval_windows(ids, seqlen, windows).to(dev)
+        quality = E.score(model, win, reference, progress=progress)
+    else:
+        win, scorable = D.encoder_windows(ids, seqlen, windows, tokenizer)
+        win = win.to(dev)
+        if kind == "masked":
+            quality = E.pseudo_perplexity(model, win, scorable, tokenizer.mask_token_id, positions=masked_positions,
+                                          seed=seed, reference=reference, progress=progress)
+        else:
+            quality = E.embedding_agreement(model, reference, win, progress=progress)
+    result: dict[str, Any] = {"data": data, "windows": int(win.shape[0]), "seqlen": seqlen, **quality}
     result.update(E.as_dict(E.size(model, disk_bytes)))
     if speed:
-        result.update(E.speed(model, ids[:128]))
+        result.update(E.speed(model, ids[:128].to(dev)) if kind == "causal" else E.encode_speed(model, win[0]))
     return result
+
+
+def export(model: nn.Module, tokenizer, output: str | os.PathLike, format: str | None = None, *,
+           overwrite: bool = False, **options) -> Path:
+    """Write `model` (with its tokenizer, may be None) to the folder `output` in `format`, a name of the format
+    registry (`slimlm export --help` lists them; None: the best-suited one, as save_model). The folder
+    appears only when complete; an existing one is replaced only with overwrite=True."""
+    from . import io, models
+
+    with io.atomic_dir(output, overwrite=overwrite) as tmp:
+        models.save_model(model, tokenizer, tmp, format=format, **options)
+    return Path(output)

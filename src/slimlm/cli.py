@@ -32,6 +32,41 @@ def _windows(value: str) -> int | None:
     return n
 
 
+DEVICE_HELP = "{what}: cpu, cuda or cuda:N"
+DTYPE_HELP = ("load the model's float weights as float32, bfloat16 or float16 (default: as a slimlm folder "
+              "stores them, float32 otherwise)")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _device(value: str) -> str:
+    """A checked --device: cpu, cuda, cuda:N, with a GPU PyTorch can see."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise SlimlmError(f"--device takes cpu, cuda or cuda:N, not {value!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SlimlmError(f"--device {value}: PyTorch sees no CUDA GPU (a CPU-only torch, or no driver); "
+                              "use --device cpu, or install a CUDA build of torch (see README)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SlimlmError(f"--device {value}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev.type != "cpu":
+        raise SlimlmError(f"--device takes cpu, cuda or cuda:N, not {value!r}")
+    return str(dev)
+
+
+def _dtype(value: str | None):
+    import torch
+
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise SlimlmError(f"--dtype takes one of {', '.join(DTYPES)}, not {value!r}")
+    return getattr(torch, value)
+
+
 def _setup(threads: int | None) -> None:
     import torch
     import transformers
@@ -51,10 +86,14 @@ def cli(verbose: bool) -> None:
 
 def _eval_table(rows: list[tuple[str, dict]]) -> str:
     keys = [("perplexity", "perplexity", "{:.3f}"), ("kl_divergence", "KL vs ref", "{:.4f}"),
-            ("top1_agreement", "top-1 agree", "{:.2%}"), ("parameters", "parameters", "{:,}"),
+            ("top1_agreement", "top-1 agree", "{:.2%}"), ("pseudo_perplexity", "pseudo-perplexity", "{:.3f}"),
+            ("masked_kl_divergence", "masked KL vs ref", "{:.4f}"),
+            ("masked_top1_agreement", "masked top-1 agree", "{:.2%}"),
+            ("embedding_cosine_mean", "cosine vs ref (mean)", "{:.4f}"),
+            ("embedding_cosine_min", "cosine vs ref (min)", "{:.4f}"), ("parameters", "parameters", "{:,}"),
             ("resident_bytes", "memory MB", None), ("disk_bytes", "disk MB", None),
             ("bits_per_weight", "bits/weight", "{:.2f}"), ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}"),
-            ("decode_tokens_per_s", "decode tok/s", "{:.1f}")]
+            ("decode_tokens_per_s", "decode tok/s", "{:.1f}"), ("encode_tokens_per_s", "encode tok/s", "{:.1f}")]
     header = ["", *[r[0] for r in rows]]
     lines = [header]
     for key, label, fmt in keys:
@@ -81,106 +120,148 @@ def _eval_table(rows: list[tuple[str, dict]]) -> str:
 @click.option("--field", default="text", show_default=True, help="text field of a .jsonl / column of a .parquet")
 @click.option("--windows", default="32", show_default=True, help="evaluation windows: a number or 'all'")
 @click.option("--seqlen", default=512, show_default=True, type=int, help="tokens per window")
-@click.option("--reference", default=None, help="a reference model for KL divergence and top-1 agreement")
-@click.option("--speed/--no-speed", default=True, show_default=True, help="measure prefill/decode tokens/s")
+@click.option("--reference", default=None,
+              help="a reference model: KL divergence and top-1 agreement for a causal or masked LM (at the masked "
+              "positions), cosine of mean-pooled embeddings for an embedding model (which needs one)")
+@click.option("--masked-positions", default="32", show_default=True,
+              help="masked LM: positions masked and scored per window for pseudo-perplexity (seeded), or 'all'")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="measure prefill/decode tokens/s (encode tokens/s for an encoder)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--device", default="cpu", show_default=True,
+              help=DEVICE_HELP.format(what="where the model (and the reference) run"))
+@click.option("--dtype", default=None, help=DTYPE_HELP)
 @click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
 @click.option("--trust-remote-code", is_flag=True, help="allow a model folder's own Python code to run")
-def eval_cmd(model_ref, data, field, windows, seqlen, reference, speed, as_json, threads, trust_remote_code):
-    """Perplexity, agreement with a reference, size and speed of a model."""
+def eval_cmd(model_ref, data, field, windows, seqlen, reference, masked_positions, speed, as_json, device, dtype,
+             threads, trust_remote_code):
+    """Perplexity (pseudo-perplexity for a masked LM), agreement with a reference, size and speed of a model."""
     from . import api, models
 
     _setup(threads)
     n = _windows(windows)
+    try:
+        positions = None if masked_positions == "all" else int(masked_positions)
+    except ValueError:
+        raise SlimlmError(f"--masked-positions takes a positive integer or 'all', not {masked_positions!r}") from None
     if seqlen < 2:
         raise SlimlmError(f"--seqlen must be at least 2 (got {seqlen})")
+    device, dtype = _device(device), _dtype(dtype)
     t0 = time.perf_counter()
-    model = models.load_model(model_ref, trust_remote_code=trust_remote_code)
+    model = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     load_s = time.perf_counter() - t0
     tok = models.load_tokenizer(model_ref, trust_remote_code=trust_remote_code)
-    ref = models.load_model(reference, trust_remote_code=trust_remote_code) if reference else None
+    ref = models.load_model(reference, dtype=dtype, device=device, trust_remote_code=trust_remote_code) \
+        if reference else None
     res = api.evaluate(model, tok, data, windows=n, seqlen=seqlen, reference=ref, speed=speed,
-                       disk_bytes=models.files_bytes(model_ref), field=field, progress=not as_json)
+                       disk_bytes=models.files_bytes(model_ref), field=field, progress=not as_json,
+                       masked_positions=positions)
     res.update(model=model_ref, load_seconds=load_s)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
-        click.echo(f"{model_ref} on {data}: {res['windows']} windows x {seqlen} tokens ({res['tokens']} scored)")
+        what = ("masked and scored" if "pseudo_perplexity" in res else
+                "embedded" if "embedding_cosine_mean" in res else "scored")
+        click.echo(f"{model_ref} on {data}: {res['windows']} windows x {seqlen} tokens ({res['tokens']} {what})")
         click.echo(_eval_table([(model_ref, res)]))
 
 
-EXPORT_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
+class _FormatChoice(click.ParamType):
+    """--format: a name of the format registry (read on use, so `slimlm --help` stays fast)."""
+    name = "format"
+
+    def get_metavar(self, param, ctx=None):
+        return "FORMAT"
+
+    def convert(self, value, param, ctx):
+        from . import registry
+
+        names = registry.savable_formats()
+        if value not in names:
+            self.fail(f"{value!r} is not a format; choose one of: {', '.join(names)}", param, ctx)
+        return value
 
 
-@cli.command("export")
-@click.option("--model", "model_ref", required=True, help="a model quantized by slimlm (or any format it loads)")
-@click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS),
-              help="gptq/gptq_v2: the GPTQ layout transformers and vLLM load; compressed-tensors: pack-quantized")
+class _ExportCommand(click.Command):
+    def format_help_text(self, ctx, formatter):
+        from . import registry
+
+        super().format_help_text(ctx, formatter)
+        with formatter.section("Formats"):
+            formatter.write_dl([(n, f.help) for n, f in registry.formats().items() if f.save is not None])
+
+
+@cli.command("export", cls=_ExportCommand)
+@click.option("--model", "model_ref", required=True, help="a model slimlm loads (quantized, pruned, or plain)")
+@click.option("--format", "fmt", required=True, type=_FormatChoice(), help="the format to write (listed below)")
 @click.option("--output", required=True, help="output folder (written only when complete)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 def export_cmd(model_ref, fmt, output, overwrite):
-    """Write a quantized model in a format other tools load."""
-    from . import io, models
-    from .quant import formats
+    """Write a model in a format other tools load."""
+    from . import api, io, models
 
     _setup(None)
     io.check_output_dir(output, overwrite)
     model = models.load_model(model_ref)
     tok = models.load_tokenizer(model_ref)
-    if fmt.startswith("gptq"):
-        path = formats.export_gptq(model, tok, output, checkpoint_format=fmt, overwrite=overwrite)
-    else:
-        path = formats.export_compressed_tensors(model, tok, output, overwrite=overwrite)
+    path = api.export(model, tok, output, fmt, overwrite=overwrite)
     click.echo(f"exported {model_ref} as {fmt} -> {path}")
 
 
 @cli.command("demo")
 @click.option("--output", default="out/smollm2-135m-gptq-w4g64", show_default=True, help="where the quantized model goes")
+@click.option("--calibration-data", default="python-docs", show_default=True, help="calibration " + DATA_HELP)
+@click.option("--eval-data", default="python-docs", show_default=True, help="evaluation " + DATA_HELP)
 @click.option("--samples", default=128, show_default=True, type=int, help="calibration windows of 512 tokens")
 @click.option("--windows", default=32, show_default=True, type=int, help="evaluation windows of 512 tokens")
+@click.option("--device", default="cpu", show_default=True,
+              help=DEVICE_HELP.format(what="where calibration and evaluation run"))
 @click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
-def demo_cmd(output, samples, windows, threads):
-    """The main job on the embedded default: GPTQ 4-bit (group 64) SmolLM2-135M, then before/after."""
+def demo_cmd(output, calibration_data, eval_data, samples, windows, device, threads):
+    """The main job on the embedded default: GPTQ 4-bit (group 64) SmolLM2-135M, then before/after.
+    (`make demo` passes the benchmark's texts when ../shared/corpora is there.)"""
     from pathlib import Path
 
     from . import api, io, models, registry
     from .calibration import RunnerOptions
 
     _setup(threads)
+    device = _device(device)
     # the demo's own output folder: its parent (out/ by default, absent in a fresh clone) is made here, and
     # the output is checked before any work rather than after the quantization
     Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)
     io.check_output_dir(output, overwrite=True)
-    corpora = Path(__file__).resolve().parents[3] / "shared" / "corpora"
-    calib = str(corpora / "austen_prideprejudice.txt") if corpora.is_dir() else "python-docs"
-    evald = str(corpora / "austen_persuasion.txt") if corpora.is_dir() else "python-docs"
-    click.echo(f"loading the embedded default (smollm2-135m); calibration: {calib}; evaluation: {evald}")
-    fp32 = models.load_model("smollm2-135m")
+    click.echo(f"loading the embedded default (smollm2-135m); calibration: {calibration_data}; "
+               f"evaluation: {eval_data}")
+    fp32 = models.load_model("smollm2-135m", device=device)
     tok = models.load_tokenizer("smollm2-135m")
     method = registry.get("quantize", "gptq")
     config = method.config_cls(bits=4, group_size=64)
-    windows_t = api.calibration_data(tok, calib, samples=samples, seqlen=512)
+    windows_t = api.calibration_data(tok, calibration_data, samples=samples, seqlen=512)
     work = models.load_model("smollm2-135m")
     t0 = time.perf_counter()
-    api.quantize(work, config, data=windows_t, runner=RunnerOptions())
+    api.quantize(work, config, data=windows_t, runner=RunnerOptions(device=device))
     seconds = time.perf_counter() - t0
     with io.atomic_dir(output, overwrite=True) as tmp:
         models.save_model(work, tok, tmp)
     del work
     click.echo(f"GPTQ 4-bit g64 took {seconds:.0f} s; saved to {output}; evaluating both models")
-    quant = models.load_model(output)
-    before = api.evaluate(fp32, tok, evald, windows=windows, speed=True, disk_bytes=models.files_bytes("smollm2-135m"))
-    after = api.evaluate(quant, tok, evald, windows=windows, speed=True, reference=fp32,
+    quant = models.load_model(output, device=device)
+    before = api.evaluate(fp32, tok, eval_data, windows=windows, speed=True,
+                          disk_bytes=models.files_bytes("smollm2-135m"))
+    after = api.evaluate(quant, tok, eval_data, windows=windows, speed=True, reference=fp32,
                          disk_bytes=models.files_bytes(output))
     click.echo(_eval_table([("fp32", before), ("gptq w4 g64", after)]))
 
 
-def _family_command(family: str, verb: str):
-    """`slimlm quantize` / `slimlm prune`: options are the union of every registered config's fields."""
+def _family_command(family: str):
+    """`slimlm quantize` / `slimlm prune`: the command's own options (registry.COMPRESSION_OPTIONS), then the
+    union of every registered config's fields (registry.register refuses a field named like an own option)."""
     from . import registry
     from .calibration import RunnerOptions
     from .configs import field_help, option_name
 
+    fam = registry.families()[family]
     table = registry.methods(family)
     fields: dict[str, tuple[str, list[str]]] = {}
     for name, m in table.items():
@@ -209,17 +290,19 @@ def _family_command(family: str, verb: str):
                      help="fp32 calibration passes and activations kept in fp32 between the stages of a block "
                      "(default: bf16 passes with fp32 statistics where the CPU or GPU computes bf16 natively, fp32 "
                      "elsewhere; down_proj inputs kept in bf16)"),
+        click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP.format(
+            what="where the calibration passes run (the model is loaded on the CPU and each block visits "
+                 "the device in turn)")),
+        click.Option(["--dtype"], default=None, help=DTYPE_HELP),
         click.Option(["--threads"], type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)"),
         click.Option(["--trust-remote-code"], is_flag=True, help="allow a model folder's own Python code to run"),
     ]
-    taken = {p.name for p in params}
+    assert {p.name for p in params} <= fam.reserved | {"model_ref"}, "an own option missing from the registry"
     for fname, (help_, users) in sorted(fields.items()):
-        if fname in taken:
-            continue
         scope = "" if len(users) == len(table) else f" [{', '.join(users)}]"
         params.append(click.Option([option_name(fname), fname], default=None, help=help_ + scope))
-    return click.Command(verb, callback=run, params=params,
-                         help=f"{family.capitalize()} a model: " + ", ".join(
+    return click.Command(family, callback=run, params=params,
+                         help=f"{fam.help}: " + ", ".join(
                              f"{n} ({m.help})" if m.help else n for n, m in sorted(table.items())))
 
 
@@ -229,13 +312,14 @@ def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
     from .configs import build_config
 
     _setup(kw["threads"])
+    device, dtype = _device(kw["device"]), _dtype(kw["dtype"])
     out = io.check_output_dir(kw["output"], kw["overwrite"])
+    fam = registry.families()[family]
     method = registry.get(family, kw["method"])
-    values = {f: kw.get(f) for f in field_names if f not in ("seqlen",)}
-    config = build_config(method.config_cls, {k: v for k, v in values.items() if k in kw}, method.name)
+    config = build_config(method.config_cls, {f: kw.get(f) for f in field_names}, method.name)
     if method.data_needed(config) and not kw["data"]:
         raise SlimlmError(f"{method.name} needs calibration data: add --data SOURCE (e.g. --data python-docs)")
-    model = models.load_model(kw["model_ref"], trust_remote_code=kw["trust_remote_code"])
+    model = models.load_model(kw["model_ref"], dtype=dtype, trust_remote_code=kw["trust_remote_code"])
     tok = models.load_tokenizer(kw["model_ref"], trust_remote_code=kw["trust_remote_code"])
     windows = None
     if kw["data"]:
@@ -243,27 +327,30 @@ def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
         D.check_context(model, kw["seqlen"])
         windows = api.calibration_data(tok, kw["data"], samples=kw["samples"], seqlen=kw["seqlen"], field=kw["field"])
     runner = RunnerOptions(batch_size=kw["batch_size"], fast=False if kw["precise"] else None,
-                           stash_bf16=not kw["precise"])
+                           stash_bf16=not kw["precise"], device=device)
     t0 = time.perf_counter()
-    report = getattr(api, family)(model, config, data=windows, runner=runner)
+    report = getattr(api, fam.api)(model, config, data=windows, runner=runner)
     seconds = time.perf_counter() - t0
     with io.atomic_dir(out, kw["overwrite"]) as tmp:
-        models.save_model(model, tok, tmp)
-    click.echo(f"{family}d {kw['model_ref']} with {method.name} in {seconds:.1f} s -> {out}")
+        written = models.save_model(model, tok, tmp)
+    click.echo(f"{fam.done} {kw['model_ref']} with {method.name} in {seconds:.1f} s -> {out} ({written} format)")
     for k, v in (report or {}).items():
         click.echo(f"  {k}: {v}")
 
 
 class _LazyGroup(click.Group):
-    """Builds `quantize` and `prune` on first use, so `slimlm --help` stays fast."""
-    FAMILIES = {"quantize": "quantize", "prune": "prune"}
+    """Builds the family commands (quantize, prune, ...) on first use, so `slimlm --help` stays fast."""
+
+    def _families(self):
+        from . import registry
+        return registry.families()
 
     def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | set(self.FAMILIES))
+        return sorted(set(super().list_commands(ctx)) | set(self._families()))
 
     def get_command(self, ctx, name):
-        if name in self.FAMILIES:
-            return _family_command(self.FAMILIES[name], name)
+        if name in self._families():
+            return _family_command(name)
         return super().get_command(ctx, name)
 
 

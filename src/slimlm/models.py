@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import SlimlmError
+from .errors import ConfigError, SlimlmError
 from .io import PICKLE_SUFFIXES, check_safetensors, refuse_pickles
 
 log = logging.getLogger(__name__)
@@ -133,17 +133,6 @@ def _offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("0", "", "false")
 
 
-def _auto_class(config):
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False):
-        archs = getattr(config, "architectures", None) or []
-        if not archs or any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-            return AutoModelForCausalLM
-    return AutoModel
-
-
 def _check_folder(folder: Path) -> dict:
     cfg = folder / "config.json"
     if not cfg.is_file():
@@ -158,54 +147,30 @@ def _check_folder(folder: Path) -> dict:
         raise SlimlmError(f"{cfg} is not valid JSON ({e}); fix or re-create it") from None
 
 
-def _special_loader(config: dict):
-    """A slimlm-saved compressed model (quantized, sparse, structurally pruned) needs its own loader."""
-    q = config.get("quantization_config") or {}
-    if q.get("quant_method") == "slimlm":
-        from .quant.serialize import load_quantized
-        return load_quantized
-    if q.get("quant_method") == "gptq":  # GPTQ checkpoints from any tool run on slimlm's kernels
-        from .quant.formats import import_gptq
-        return import_gptq
-    if q.get("quant_method") == "bitsandbytes":  # NF4/FP4/LLM.int8() folders load without bitsandbytes
-        from .quant.bnb_format import load_bnb
-        return load_bnb
-    if q.get("quant_method") == "compressed-tensors" and q.get("format") == "pack-quantized":
-        from .quant.formats import import_compressed_tensors
-        return import_compressed_tensors
-    if config.get("slimlm_sparsity"):
-        from .pruning.storage import load_sparse
-        return load_sparse
-    if config.get("slimlm_structured"):
-        from .pruning.structured import load_structured
-        return load_structured
-    return None
+def load_model(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+               device: str | torch.device | None = None) -> nn.Module:
+    """Load a model by reference (see module docstring) in eval mode; the format of a folder or file is
+    recognised by the format registry (slimlm.formats). `dtype`: None keeps what a slimlm folder stores and
+    reads other models in float32; `device`: where to put it (default CPU)."""
+    from . import registry
+    from .formats.hf import load as load_hf
 
-
-def load_model(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False) -> nn.Module:
-    """Load a model by reference (see module docstring) in eval mode, on CPU."""
     kind, where = resolve(ref)
     if kind == "hub" and _offline():
         raise SlimlmError(f"{ref!r} is not a local path and the hub is offline (HF_HUB_OFFLINE=1); "
                           "give a local folder or .gguf file")
     try:
         if kind == "folder":
-            config = _check_folder(Path(where))
-            special = _special_loader(config)
-            if special is not None:
-                model = special(Path(where))
-                from .quant.embeddings import reinstall_casts
-                reinstall_casts(model)
-            else:
-                model = _from_pretrained(str(where), dtype=dtype, trust_remote_code=trust_remote_code)
+            path = Path(where)
+            fmt = registry.recognise(path, _check_folder(path))
+            model = fmt.load(path, dtype=dtype, trust_remote_code=trust_remote_code)
         elif kind == "gguf":
             from transformers import AutoModelForCausalLM
             p = Path(where)
-            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype or torch.float32)
             model.hf_quantizer = None
         else:
-            model = _from_pretrained(str(where), dtype=dtype, trust_remote_code=trust_remote_code)
+            model = load_hf(str(where), dtype=dtype, trust_remote_code=trust_remote_code)
     except SlimlmError:
         raise
     except OSError as e:
@@ -215,17 +180,11 @@ def load_model(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
         raise SlimlmError(f"could not load {ref}: {_first_line(e)}") from None
     except (ValueError, RuntimeError, KeyError) as e:
         raise SlimlmError(f"could not load {ref}: {_first_line(e)}") from None
+    if device is not None:
+        model.to(device)
     model.eval()
     model.slimlm_ref = ref
     return model
-
-
-def _from_pretrained(where: str, *, dtype, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    cls = _auto_class(config)
-    return cls.from_pretrained(where, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
@@ -255,18 +214,21 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
-def save_model(model: nn.Module, tokenizer, folder: str | os.PathLike) -> None:
-    """Write a model (plain, quantized, sparse or structurally pruned) as safetensors into `folder`.
+def save_model(model: nn.Module, tokenizer, folder: str | os.PathLike, format: str | None = None,
+               **options) -> str:
+    """Write a model into `folder` (created if needed; it should be fresh: the CLI passes the temporary folder
+    of `io.atomic_dir`) in the named format, or in the best-suited one (slimlm.registry.default_format: a
+    plain transformers folder for a plain model, bitsandbytes' layout for NF4/int8 layers, slimlm's folder for
+    anything else); returns the format's name. `options` go to the format's writer."""
+    from . import registry
 
-    `folder` should be a fresh folder (the CLI passes the temporary folder of `io.atomic_dir`); a method that
-    needs its own format sets `model.slimlm_save = fn(model, tokenizer, folder)`.
-    """
+    fmt = registry.get_format(format) if format else registry.default_format(model)
+    why = fmt.refuses(model)
+    if why is not None:
+        raise ConfigError(f"cannot write this model as {fmt.name}: {why}")
+    if fmt.save is None:
+        raise SlimlmError(f"{fmt.name} is read-only; write one of: {', '.join(registry.savable_formats())}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    special = getattr(model, "slimlm_save", None)
-    if special is not None:
-        special(model, tokenizer, folder)
-        return
-    model.save_pretrained(str(folder), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
+    fmt.save(model, tokenizer, folder, **options)
+    return fmt.name

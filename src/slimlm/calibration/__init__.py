@@ -47,6 +47,7 @@ from .common import (
     passes_in_bf16,
 )
 from .runner import run_layerwise
+from .staged import call_of
 
 __all__ = ["STATS", "BlockContext", "LinearInfo", "LinearStats", "Processor", "RunnerOptions", "StopForward",
-           "find_blocks", "gram_upper_", "is_linear", "mirror_upper_", "passes_in_bf16", "run_layerwise"]
+           "call_of", "find_blocks", "gram_upper_", "is_linear", "mirror_upper_", "passes_in_bf16", "run_layerwise"]

@@ -12,6 +12,8 @@ Granularity is expressed by `group_size`: 0 = one scale for the whole tensor, -1
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -156,8 +158,6 @@ def rtn_quantize(W: Tensor, bits: int, symmetric: bool, group_size: int) -> tupl
     return quantize_grouped(W, scale, zero, bits, group_size=group_size), scale, zero
 
 
-from dataclasses import dataclass  # noqa: E402
-
 
 @dataclass
 class QuantResult:
@@ -176,3 +176,10 @@ class QuantResult:
 
     def dequantize(self) -> Tensor:
         return dequantize_grouped(self.codes, self.scale, self.zero, self.g_idx)
+
+
+def rtn_result(W: Tensor, bits: int, group_size: int, symmetric: bool) -> QuantResult:
+    """Round-to-nearest QuantResult of W (out, in)."""
+    codes, scale, zero = rtn_quantize(W, bits, symmetric, group_size)
+    return QuantResult(codes, scale, zero, default_g_idx(W.shape[1], group_size, W.device), bits, group_size,
+                       symmetric)

@@ -9,8 +9,8 @@ Glue between the configs (prune/configs.py) and the math (core/prune.py, core/sp
    the dense model's activations, one forward per block instead of two);
 3. the keep-masks (bool (out, in), True = kept) are recorded per layer name in `model.slimlm_masks`, so a
    later step (fine-tuning, movement pruning) can hold the pruned weights at zero with `apply_masks(model)`.
-   Layers left dense (sparsity 0) get no mask. `slimlm.save_model` then writes the compact sparse format
-   (prune/storage.py `save_sparse`), or slimlm's quantized format after joint SparseGPT + GPTQ.
+   Layers left dense (sparsity 0) get no mask. `slimlm.save_model` then writes slimlm's folder format, which
+   stores the sparse weights compactly (slimlm.formats.native), with joint SparseGPT's packed layers.
 """
 from __future__ import annotations
 
@@ -163,13 +163,8 @@ def _report(method: str, config: PruneConfig, plan: dict[str, Target], masks: di
 
 
 def _finish(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Record the masks on the model and choose how save_model writes it: slimlm's quantized format when the
-    model holds quantized layers (joint SparseGPT), else the compact sparse format of prune/storage.py."""
-    from ..quant.serialize import quantized_modules, write_quantized
-    from .storage import save_sparse
-
+    """Record the masks on the model (apply_masks re-applies them after an optimizer step)."""
     model.slimlm_masks = {**(getattr(model, "slimlm_masks", None) or {}), **masks}
-    model.slimlm_save = write_quantized if quantized_modules(model) else save_sparse
 
 
 # ------------------------------------------------------------------------------------------------ magnitude

@@ -14,7 +14,7 @@ layer's prunable parameters to remove (so heads go only once a whole KV group fi
 channels absorb the rest. Uniform by default, so the result is a plain transformers checkpoint. With
 `uniform=False` each kind of unit is ranked across layers (Taylor scores as they are, magnitude and
 activation scores relative to their layer's mean); the per-layer sizes are recorded in config.json under
-`slimlm_structured` and `load_structured(folder)` rebuilds the model.
+`slimlm_structured` and `slimlm.load_model(folder)` rebuilds the model (build_model).
 
 Measured on SmolLM2-135M (8 x 128-token calibration windows, python-docs perplexity 18.25 before), 20%
 removed without retraining: activation 27.9, Taylor 30.1, magnitude > 10^6 (uniform, MLP channels only);
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from ..calibration import RunnerOptions, find_blocks, is_linear
 from ..core import structured as S
 from ..errors import ConfigError, SlimlmError
+from ..modules import config_dtype
 from ..registry import register
 
 log = logging.getLogger(__name__)
@@ -462,8 +462,6 @@ def build_model(config, dtype: torch.dtype | None = None) -> nn.Module:
     """An (untrained) model for `config`, resized to the per-layer sizes of a non-uniform pruning if any."""
     from transformers import AutoModelForCausalLM
 
-    from .storage import config_dtype
-
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
     spec = getattr(_text_config(model), "slimlm_structured", None)
     if spec:
@@ -476,10 +474,3 @@ def build_model(config, dtype: torch.dtype | None = None) -> nn.Module:
         for p, kv, inter in zip(parts, spec["num_key_value_heads"], spec["intermediate_size"]):
             shrink_layer(p, d, torch.arange(kv), torch.arange(inter))
     return model
-
-
-def load_structured(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a structurally pruned model saved with save_pretrained (uniform or not), in eval mode."""
-    from .storage import load_sparse  # reads plain safetensors files too
-
-    return load_sparse(folder, dtype)

@@ -1,5 +1,5 @@
-"""Runtime quantized modules and their file formats.
+"""Quantization methods and their runtime modules.
 
-Import the submodules directly (`slimlm.quant.linear`, `slimlm.quant.serialize`, `slimlm.quant.formats`);
-this package imports nothing heavy on its own.
+Import the submodules directly (`slimlm.quant.methods`, `slimlm.quant.linear`, ...); this package imports
+nothing heavy on its own. Saving and loading: slimlm.formats.
 """

@@ -55,10 +55,18 @@ from slimlm.core.awq import (
     weight_channel_mean,
 )
 from slimlm.core.quant import QuantResult
-from slimlm.selection import name_matches, split_list
 from slimlm.quant.configs import AWQConfig
-from slimlm.quant.targets import Target, check_matches, plan_targets, report, swap_in
+from slimlm.quant.targets import (
+    Target,
+    check_matches,
+    fallback_count,
+    plan_targets,
+    quantize_rest,
+    report,
+    swap_in,
+)
 from slimlm.registry import register
+from slimlm.selection import name_matches, split_list
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +417,6 @@ class AWQProcessor:
 @register("quantize", "awq", AWQConfig, needs_data=True,
           help="AWQ: activation-aware scaling and clipping, then rounding (needs --data)")
 def apply_awq(model: nn.Module, config: AWQConfig, data: Tensor, runner: RunnerOptions) -> dict:
-    from slimlm.quant.methods import fallback_count, quantize_rest
-
     plan = plan_targets(model, config)
     for p in split_list(config.clip_skip):
         check_matches(p, list(plan), "clip_skip")

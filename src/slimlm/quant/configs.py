@@ -3,7 +3,7 @@
 Layer selection is shared by all methods. By default every linear layer of the transformer blocks is
 quantized; the output layer (lm_head) and anything else outside the blocks stay in full precision, and
 embeddings always do. Two options change that, with the layer-name patterns pruning uses
-(slimlm.pruning.configs: globs over whole dotted parts, so `down_proj`, `mlp`, `layers.0`, `self_attn.*_proj`
+(slimlm.selection: globs over whole dotted parts, so `down_proj`, `mlp`, `layers.0`, `self_attn.*_proj`
 and `lm_head` all work):
 
     overrides = "down_proj=8,lm_head=4,layers.0=none"     PATTERN=VALUE pairs, the first matching pair wins;

@@ -1,4 +1,4 @@
-"""LLM.int8() (Dettmers et al. 2022): `Int8Linear`, the runtime module, and the `int8` method.
+"""LLM.int8() (Dettmers et al. 2022): `Int8Linear`, the runtime module (the `int8` method: slimlm.quant.methods).
 
 Int8Linear stores the row-wise int8 weight CB (out, in) and its row absmaxes SCB (out,) and computes
 slimlm.core.llm_int8.int8_linear: int8 x int8 -> int32 products for the ordinary features, floating point for
@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from slimlm.calibration import RunnerOptions
 from slimlm.core.llm_int8 import int8_dequantize_weight, int8_linear, int8_quantize_weight
-from slimlm.quant.configs import Int8Config
-from slimlm.quant.targets import bias_of, plan_targets, set_submodule
-from slimlm.registry import register
 
 
 class Int8Linear(nn.Module):
@@ -64,21 +60,3 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"threshold={self.threshold}, bias={self.bias is not None}")
-
-
-@register("quantize", "int8", Int8Config, needs_data=False,
-          help="LLM.int8(): int8 weights and activations with float outlier features, no data")
-def apply_int8(model: nn.Module, config: Int8Config, data: Tensor | None, runner: RunnerOptions) -> dict:
-    from slimlm.quant.bnb_format import save_bnb
-
-    plan = plan_targets(model, config)
-    n_weights = 0
-    bits = 0.0
-    for t in plan.values():
-        new = Int8Linear.from_weight(t.info.weight(), bias_of(t.info.module), config.threshold)
-        set_submodule(model, t.name, new)
-        n_weights += t.info.in_features * t.info.out_features
-        bits += new.bits_per_weight() * t.info.in_features * t.info.out_features
-    model.slimlm_save = save_bnb
-    return {"method": "int8", "layers_quantized": len(plan), "bits_per_weight": round(bits / n_weights, 4),
-            "quantized_weights": n_weights, "threshold": config.threshold}

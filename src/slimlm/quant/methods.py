@@ -2,11 +2,13 @@
 
     rtn   round to nearest, no data
     gptq  GPTQ through the calibration runner (Hessian per group of layers sharing an input)
-    awq   AWQ (slimlm.quant.awq)
-    nf4   NF4 / FP4 (slimlm.quant.nf4_linear), int8: LLM.int8() (slimlm.quant.int8_linear)
+    awq   AWQ (its own module, slimlm.quant.awq)
+    nf4   NF4 / FP4 blocks (runtime module: slimlm.quant.nf4_linear)
+    int8  LLM.int8() (runtime module: slimlm.quant.int8_linear)
 
-Every method resolves and checks its target layers first (slimlm.quant.targets), computes one QuantResult
-per layer with the pure functions of slimlm.core, and finally swaps the layers for QuantLinear modules.
+Every method resolves and checks its target layers first (slimlm.quant.targets), computes its quantized
+weights with the pure functions of slimlm.core, and finally swaps the layers for runtime modules. How a model
+is saved is the format registry's business (slimlm.formats), not the method's.
 """
 from __future__ import annotations
 
@@ -20,38 +22,25 @@ from torch import Tensor, nn
 from slimlm.calibration import BlockContext, LinearInfo, LinearStats, RunnerOptions, run_layerwise
 from slimlm.core.gptq import gptq_quantize
 from slimlm.core.packing import pack_int32, unpack_int32
-from slimlm.core.quant import QuantResult, default_g_idx, rtn_quantize
-from slimlm.quant.configs import AWQConfig, GPTQConfig, Int8Config, IntQuantConfig, NF4Config, RTNConfig
-from slimlm.quant.targets import Target, plan_targets, report, swap_in
+from slimlm.core.quant import QuantResult, rtn_result
+from slimlm.quant.configs import AWQConfig, GPTQConfig, Int8Config, NF4Config, RTNConfig
+from slimlm.quant.int8_linear import Int8Linear
+from slimlm.quant.nf4_linear import NF4Linear
+from slimlm.quant.targets import (
+    Target,
+    bias_of,
+    fallback_count,
+    plan_targets,
+    quantize_rest,
+    report,
+    set_submodule,
+    swap_in,
+)
 from slimlm.registry import register
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RTNConfig", "GPTQConfig", "AWQConfig", "NF4Config", "Int8Config", "rtn_result"]
-
-
-def rtn_result(W: Tensor, bits: int, group_size: int, symmetric: bool) -> QuantResult:
-    """Round-to-nearest QuantResult of W (out, in)."""
-    codes, scale, zero = rtn_quantize(W, bits, symmetric, group_size)
-    return QuantResult(codes, scale, zero, default_g_idx(W.shape[1], group_size, W.device), bits, group_size,
-                       symmetric)
-
-
-def fallback_count(config: IntQuantConfig, plan: dict[str, Target]) -> int:
-    """Layers quantized per channel because group_size does not divide their input size."""
-    return sum(1 for t in plan.values() if t.group_size != config.group_size)
-
-
-def quantize_rest(plan: dict[str, Target], config: IntQuantConfig, results: dict[str, QuantResult]) -> int:
-    """Round-to-nearest for the targets calibration did not reach (outside the transformer blocks, e.g.
-    lm_head when an override asks for it, or never called); returns how many there were."""
-    n = 0
-    for t in plan.values():
-        if t.name not in results:
-            log.warning("%s is not reached by the calibration runner: round-to-nearest", t.name)
-            results[t.name] = rtn_result(t.info.weight(), t.bits, t.group_size, config.symmetric)
-            n += 1
-    return n
+__all__ = ["RTNConfig", "GPTQConfig", "AWQConfig", "NF4Config", "Int8Config"]
 
 
 @register("quantize", "rtn", RTNConfig, needs_data=False, help="round-to-nearest, no calibration data")
@@ -124,7 +113,33 @@ def apply_gptq(model: nn.Module, config: GPTQConfig, data: Tensor, runner: Runne
                   rtn_fallback=rtn_n, true_sequential=config.true_sequential, staged_blocks=staged)
 
 
-# Further methods register themselves on import (the registry imports only this module).
-from slimlm.quant import awq as _awq  # noqa: E402,F401
-from slimlm.quant import int8_linear as _int8  # noqa: E402,F401
-from slimlm.quant import nf4_linear as _nf4  # noqa: E402,F401
+@register("quantize", "nf4", NF4Config, needs_data=False,
+          help="NF4/FP4 4-bit blocks with double quantization (QLoRA / bitsandbytes), no data")
+def apply_nf4(model: nn.Module, config: NF4Config, data: Tensor | None, runner: RunnerOptions) -> dict:
+    plan = plan_targets(model, config)
+    n_weights, bits = 0, 0.0
+    for t in plan.values():
+        W = t.info.weight().to(t.info.module.weight.dtype)
+        new = NF4Linear.from_weight(W, bias_of(t.info.module), config.quant_type,
+                                    config.blocksize, config.double_quant)
+        set_submodule(model, t.name, new)
+        numel = t.info.in_features * t.info.out_features
+        n_weights += numel
+        bits += new.bits_per_weight() * numel
+    return {"method": config.quant_type, "layers_quantized": len(plan),
+            "bits_per_weight": round(bits / n_weights, 4), "quantized_weights": n_weights}
+
+
+@register("quantize", "int8", Int8Config, needs_data=False,
+          help="LLM.int8(): int8 weights and activations with float outlier features, no data")
+def apply_int8(model: nn.Module, config: Int8Config, data: Tensor | None, runner: RunnerOptions) -> dict:
+    plan = plan_targets(model, config)
+    n_weights = 0
+    bits = 0.0
+    for t in plan.values():
+        new = Int8Linear.from_weight(t.info.weight(), bias_of(t.info.module), config.threshold)
+        set_submodule(model, t.name, new)
+        n_weights += t.info.in_features * t.info.out_features
+        bits += new.bits_per_weight() * t.info.in_features * t.info.out_features
+    return {"method": "int8", "layers_quantized": len(plan), "bits_per_weight": round(bits / n_weights, 4),
+            "quantized_weights": n_weights, "threshold": config.threshold}

@@ -1,10 +1,10 @@
-"""NF4 / FP4 weights (QLoRA): `NF4Linear`, the runtime module, and the `nf4` method.
+"""NF4 / FP4 weights (QLoRA): `NF4Linear`, the runtime module (the `nf4` method: slimlm.quant.methods).
 
 NF4Linear holds what bitsandbytes' Linear4bit holds (packed 4-bit codes, block absmaxes, the double-quant
 state; slimlm.core.nf4) and computes y = x W_hat^T + b by dequantizing W_hat in the activation dtype at each
 call. Its state_dict is bitsandbytes' own layout (`weight` packed (n/2, 1) uint8, `weight.absmax`,
 `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__nf4`), so a saved model loads in
-transformers with bitsandbytes as well as in slimlm (slimlm.quant.bnb_format).
+transformers with bitsandbytes as well as in slimlm (slimlm.formats.bnb).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimlm.calibration import RunnerOptions
 from slimlm.core.nf4 import (
     NF4Weight,
     bits_per_param,
@@ -21,9 +20,6 @@ from slimlm.core.nf4 import (
     quantize_4bit,
     to_bnb_state_dict,
 )
-from slimlm.quant.configs import NF4Config
-from slimlm.quant.targets import bias_of, plan_targets, set_submodule
-from slimlm.registry import register
 
 
 class NF4Linear(nn.Module):
@@ -103,23 +99,3 @@ class NF4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
                 f"double_quant={self.absmax2 is not None}, bias={self.bias is not None}")
-
-
-@register("quantize", "nf4", NF4Config, needs_data=False,
-          help="NF4/FP4 4-bit blocks with double quantization (QLoRA / bitsandbytes), no data")
-def apply_nf4(model: nn.Module, config: NF4Config, data: Tensor | None, runner: RunnerOptions) -> dict:
-    from slimlm.quant.bnb_format import save_bnb
-
-    plan = plan_targets(model, config)
-    n_weights, bits = 0, 0.0
-    for t in plan.values():
-        W = t.info.weight().to(t.info.module.weight.dtype)
-        new = NF4Linear.from_weight(W, bias_of(t.info.module), config.quant_type,
-                                    config.blocksize, config.double_quant)
-        set_submodule(model, t.name, new)
-        numel = t.info.in_features * t.info.out_features
-        n_weights += numel
-        bits += new.bits_per_weight() * numel
-    model.slimlm_save = save_bnb
-    return {"method": config.quant_type, "layers_quantized": len(plan),
-            "bits_per_weight": round(bits / n_weights, 4), "quantized_weights": n_weights}

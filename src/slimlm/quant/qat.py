@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimlm.core.quant import QuantResult
+from slimlm.core.quant import QuantResult, rtn_result
 from slimlm.errors import ConfigError
 from slimlm.quant.configs import IntQuantConfig
 from slimlm.quant.targets import bias_of, plan_targets, set_submodule, swap_in
@@ -33,7 +33,6 @@ class FakeQuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def quant_result(self) -> QuantResult:
-        from slimlm.quant.methods import rtn_result
 
         return rtn_result(self.weight.detach().float(), self.bits, self.group_size, self.symmetric)
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from slimlm.calibration import LinearInfo, find_blocks, is_linear
-from slimlm.core.quant import QuantResult
+from slimlm.core.quant import QuantResult, rtn_result
 from slimlm.errors import ConfigError
-from slimlm.selection import PATTERN_HELP, name_matches
 from slimlm.quant import linear as QL
 from slimlm.quant.configs import IntQuantConfig, LayerSelection
+from slimlm.selection import PATTERN_HELP, name_matches
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +150,23 @@ def plan_targets(model: nn.Module, config: LayerSelection) -> dict[str, Target]:
     return {t.name: t for t in targets}
 
 
+def fallback_count(config: IntQuantConfig, plan: dict[str, Target]) -> int:
+    """Layers quantized per channel because group_size does not divide their input size."""
+    return sum(1 for t in plan.values() if t.group_size != config.group_size)
+
+
+def quantize_rest(plan: dict[str, Target], config: IntQuantConfig, results: dict[str, QuantResult]) -> int:
+    """Round-to-nearest for the targets calibration did not reach (outside the transformer blocks, e.g.
+    lm_head when an override asks for it, or never called); returns how many there were."""
+    n = 0
+    for t in plan.values():
+        if t.name not in results:
+            log.warning("%s is not reached by the calibration runner: round-to-nearest", t.name)
+            results[t.name] = rtn_result(t.info.weight(), t.bits, t.group_size, config.symmetric)
+            n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------------------------- after
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
@@ -172,7 +188,7 @@ def bias_of(module: nn.Module) -> torch.Tensor | None:
 def swap_in(model: nn.Module, results: dict[str, QuantResult], method: str,
             input_scales: dict[str, torch.Tensor] | None = None) -> None:
     """Replace each layer named in `results` by a QuantLinear (ScaledQuantLinear where an input scale is
-    given) and make `slimlm.save_model` write the native quantized format."""
+    given)."""
     from slimlm.quant.scaled import ScaledQuantLinear
 
     input_scales = input_scales or {}
@@ -185,24 +201,6 @@ def swap_in(model: nn.Module, results: dict[str, QuantResult], method: str,
         else:
             new = QL.QuantLinear.from_result(res, bias_of(old), method=method)
         set_submodule(model, name, new)
-    model.slimlm_save = save_native
-
-
-def save_native(model: nn.Module, tokenizer, folder: str | Path) -> None:
-    """The native format (slimlm.quant.serialize), recording which layers carry an input scale."""
-    from slimlm.quant import serialize as S
-    from slimlm.quant.scaled import ScaledQuantLinear
-
-    qmods = S.quantized_modules(model)
-    specs = {}
-    for n, m in qmods.items():
-        specs[n] = S.module_spec(m)
-        if isinstance(m, ScaledQuantLinear):
-            specs[n]["input_scale"] = True
-    qcfg = {"quant_method": "slimlm", "format": S.FORMAT, "format_version": S.FORMAT_VERSION,
-            "modules": specs}
-    S.write_folder(model, tokenizer, Path(folder), S.unique_tensors(model.state_dict()),
-                   S.export_config(model, qcfg))
 
 
 def report(method: str, results: dict[str, QuantResult], model: nn.Module, **extra) -> dict:

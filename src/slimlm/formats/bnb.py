@@ -1,4 +1,4 @@
-"""Folders in bitsandbytes' checkpoint format, for models holding NF4Linear or Int8Linear layers.
+"""bitsandbytes' checkpoint format, for models holding NF4Linear or Int8Linear layers (the default for them).
 
 config.json carries transformers' BitsAndBytesConfig as `quantization_config` (quant_method "bitsandbytes",
 load_in_4bit / load_in_8bit, the 4-bit quant type and double quantization, the int8 threshold, and the
@@ -8,17 +8,18 @@ state (see NF4Linear / Int8Linear). transformers with bitsandbytes installed loa
 """
 from __future__ import annotations
 
-import copy
-import os
 from pathlib import Path
 
 from torch import nn
 
-from slimlm.calibration import LinearInfo, is_linear
-from slimlm.errors import SlimlmError
-from slimlm.quant import serialize as S
-from slimlm.quant.int8_linear import Int8Linear
-from slimlm.quant.nf4_linear import NF4Linear
+from ..calibration import LinearInfo, is_linear
+from ..errors import SlimlmError
+from ..modules import set_submodule
+from ..quant.int8_linear import Int8Linear
+from ..quant.linear import QuantLinear
+from ..quant.nf4_linear import NF4Linear
+from ..registry import Format, register_format
+from . import folder as F
 
 _NF4_KEY = ".weight.quant_state.bitsandbytes__"
 
@@ -40,24 +41,31 @@ def bnb_config(model: nn.Module) -> dict:
     return cfg
 
 
-def save_bnb(model: nn.Module, tokenizer, folder: str | os.PathLike) -> None:
-    """Write the model into an existing (fresh) folder in bitsandbytes' format."""
-    config = copy.deepcopy(model.config)
+def save(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Write the model into an existing, empty folder in bitsandbytes' format."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(out, (NF4Linear, Int8Linear)) and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-    config.quantization_config = bnb_config(model)
-    S.write_folder(model, tokenizer, Path(folder), S.unique_tensors(model.state_dict()), config)
+    config = F.config_copy(model, bnb_config(model), untie=isinstance(out, (NF4Linear, Int8Linear)))
+    F.write_folder(model, tokenizer, folder, F.unique_tensors(model.state_dict()), config)
 
 
-def load_bnb(folder: str | os.PathLike) -> nn.Module:
+def refuses(model: nn.Module) -> str | None:
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (NF4Linear, Int8Linear, QuantLinear))}
+    if kinds not in ({"NF4Linear"}, {"Int8Linear"}):
+        return ("bitsandbytes checkpoints hold NF4/FP4 or LLM.int8() layers, one kind per model; this model has "
+                + (", ".join(sorted(kinds)) if kinds else "none"))
+    return None
+
+
+def recognise(path: Path, config: dict | None) -> bool:
+    return F.quantization_config(config).get("quant_method") == "bitsandbytes"
+
+
+def load(folder: Path, **_) -> nn.Module:
     """Load a bitsandbytes 4-bit or 8-bit checkpoint into NF4Linear / Int8Linear layers (no bitsandbytes
     needed)."""
-    folder = Path(folder)
-    config, qcfg = S.read_config(folder, "bitsandbytes")
-    del config.quantization_config
-    model = S.empty_skeleton(config)
-    tensors = S.read_tensors(folder)
+    config, qcfg = F.read_config(folder, "bitsandbytes")
+    model = F.empty_skeleton(config)
+    tensors = F.read_tensors(folder)
     four_bit = bool(qcfg.get("load_in_4bit"))
     prefixes = [k.split(_NF4_KEY)[0] for k in tensors if _NF4_KEY in k] if four_bit else \
         [k[:-len(".SCB")] for k in tensors if k.endswith(".SCB")]
@@ -74,5 +82,11 @@ def load_bnb(folder: str | os.PathLike) -> nn.Module:
         else:
             new = Int8Linear(info.in_features, info.out_features, has_bias,
                              float(qcfg.get("llm_int8_threshold", 6.0)), device="meta")
-        S.set_submodule(model, name, new)
-    return S.finish_loading(model, tensors, folder)
+        set_submodule(model, name, new)
+    return F.finish_loading(model, tensors, folder)
+
+
+register_format(Format(
+    "bitsandbytes", "transformers' bitsandbytes checkpoints (NF4/FP4 with double quantization, LLM.int8()); "
+    "transformers with bitsandbytes loads them", recognise=recognise, load=load, save=save, refuses=refuses,
+    default_rank=10))

@@ -51,8 +51,12 @@ $(CT_STAMP):
 
 interop: $(GPTQ_STAMP) $(CT_STAMP)
 
+# The benchmark's texts when this checkout sits beside ../shared (see README); python-docs otherwise.
+CORPORA := ../shared/corpora
+DEMO_DATA := $(if $(wildcard $(CORPORA)/austen_prideprejudice.txt),--calibration-data $(CORPORA)/austen_prideprejudice.txt --eval-data $(CORPORA)/austen_persuasion.txt,)
+
 demo: $(STAMP)
-	$(BIN)/slimlm demo
+	$(BIN)/slimlm demo $(DEMO_DATA)
 
 test: $(STAMP) interop
 	$(INTEROP_VARS) $(BIN)/python -m pytest -q

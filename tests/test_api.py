@@ -50,3 +50,14 @@ def test_registering_a_clashing_config_is_refused():
     with pytest.raises(ValueError, match="Clashing has a field 'batch_size'.*--batch-size"):
         registry.register("quantize", "clashing", Clashing)
     assert "clashing" not in registry.methods("quantize")
+
+
+def test_every_registered_config_is_importable_from_the_package():
+    """`from slimlm import GPTQConfig` for every method of every family, and it is the registered class."""
+    import slimlm
+    from slimlm import registry
+
+    for family in registry.families():
+        for method in registry.methods(family).values():
+            assert getattr(slimlm, method.config_cls.__name__) is method.config_cls
+            assert method.config_cls.__name__ in slimlm.__all__

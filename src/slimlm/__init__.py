@@ -7,8 +7,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Every method's config class by name (`from slimlm import GPTQConfig`), imported on first use.
+_CONFIGS = {
+    "slimlm.quant.configs": ("RTNConfig", "GPTQConfig", "AWQConfig", "NF4Config", "Int8Config"),
+    "slimlm.pruning.configs": ("MagnitudeConfig", "WandaConfig", "SparseGPTConfig"),
+    "slimlm.pruning.structured": ("StructuredConfig",),
+}
+
 __all__ = ["__version__", "load_model", "load_tokenizer", "save_model", "evaluate", "quantize", "prune",
-           "export", "calibration_data", "SlimlmError"]
+           "export", "calibration_data", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
 
 from .errors import SlimlmError
 
@@ -21,4 +28,8 @@ def __getattr__(name: str):
     if name in ("evaluate", "quantize", "prune", "export", "calibration_data"):
         from . import api
         return getattr(api, name)
+    for module, names in _CONFIGS.items():
+        if name in names:
+            import importlib
+            return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'slimlm' has no attribute {name!r}")

@@ -4,7 +4,9 @@
 def test_api_functions_are_not_shadowed_by_subpackages():
     import slimlm.pruning.methods  # noqa: F401
     import slimlm.quant.linear  # noqa: F401
-    for name in ("prune", "quantize", "evaluate", "load_model", "load_tokenizer", "save_model", "calibration_data"):
+    import slimlm.training.loop  # noqa: F401
+    for name in ("prune", "quantize", "evaluate", "load_model", "load_tokenizer", "save_model", "calibration_data",
+                 "export", "train"):
         assert callable(getattr(slimlm, name)), name
 
 
@@ -25,13 +27,14 @@ def test_no_method_config_field_is_shadowed_by_a_command_option():
     import dataclasses
 
     from slimlm import registry
-    from slimlm.cli import _family_command
+    from slimlm.cli import _family_command, _train_command
 
     for name, fam in registry.families().items():
         for method in registry.methods(name).values():
             fields = {f.name for f in dataclasses.fields(method.config_cls)}
             assert not fields & fam.reserved, (method.name, fields & fam.reserved)
-        own = {p.name for p in _family_command(name).params} - {
+        build = _train_command if fam.command == "train" else _family_command
+        own = {p.name for p in build(name).params} - {
             f.name for m in registry.methods(name).values() for f in dataclasses.fields(m.config_cls)}
         assert own - {"model_ref"} | {"model"} == fam.reserved
 

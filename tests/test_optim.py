@@ -9,7 +9,7 @@ import torch
 
 from slimlm.core.optim import lr_at
 from slimlm.errors import ConfigError
-from slimlm.train.optim import is_vector, make_optimizer, param_groups
+from slimlm.training.optim import is_vector, make_optimizer, param_groups
 
 
 @pytest.fixture(autouse=True, scope="module")

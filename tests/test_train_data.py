@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from slimlm import data as D
 from slimlm.errors import SlimlmError
-from slimlm.train.data import (
+from slimlm.training.data import (
     instruction_data,
     micro_batches,
     shard,

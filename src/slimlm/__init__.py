@@ -7,17 +7,20 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .errors import SlimlmError  # noqa: E402  (light: no torch)
+
 # Every method's config class by name (`from slimlm import GPTQConfig`), imported on first use.
 _CONFIGS = {
     "slimlm.quant.configs": ("RTNConfig", "GPTQConfig", "AWQConfig", "NF4Config", "Int8Config"),
     "slimlm.pruning.configs": ("MagnitudeConfig", "WandaConfig", "SparseGPTConfig"),
     "slimlm.pruning.structured": ("StructuredConfig",),
+    "slimlm.adapt.methods": ("FullConfig", "TopConfig"),
+    "slimlm.training.config": ("TrainConfig",),
 }
 
 __all__ = ["__version__", "load_model", "load_tokenizer", "save_model", "evaluate", "quantize", "prune",
-           "export", "calibration_data", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
+           "export", "train", "calibration_data", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
 
-from .errors import SlimlmError
 
 
 def __getattr__(name: str):
@@ -25,7 +28,7 @@ def __getattr__(name: str):
     if name in ("load_model", "load_tokenizer", "save_model"):
         from . import models
         return getattr(models, name)
-    if name in ("evaluate", "quantize", "prune", "export", "calibration_data"):
+    if name in ("evaluate", "quantize", "prune", "export", "train", "calibration_data"):
         from . import api
         return getattr(api, name)
     for module, names in _CONFIGS.items():

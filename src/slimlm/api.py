@@ -154,3 +154,35 @@ def export(model: nn.Module, tokenizer, output: str | os.PathLike, format: str |
     with io.atomic_dir(output, overwrite=overwrite) as tmp:
         models.save_model(model, tokenizer, tmp, format=format, **options)
     return Path(output)
+
+
+def train(model: nn.Module, config: Any, data, train_config: Any = None, *, tokenizer=None,
+          output: str | os.PathLike | None = None, eval_data: Tensor | None = None, resume: bool = False,
+          progress: bool = True, model_ref: str | None = None) -> dict:
+    """Train `model` with the method whose config this is (LoRAConfig, FullConfig, ...) on `data` (a
+    slimlm.training.data TrainData: batch(i) -> {"input_ids", "labels"[, "attention_mask"]}) as `train_config`
+    (a TrainConfig; default TrainConfig()) says. With `output`, the method's result (a PEFT adapter folder for
+    LoRA, a model folder for full fine-tuning) and metrics.jsonl are written there when the run completes;
+    checkpoints live in OUTPUT.partial/ meanwhile, and resume=True continues from the last one. `eval_data`:
+    (n, L) token windows whose perplexity is measured before and after (and every eval_every steps).
+    Returns the run's report. Runs data-parallel when launched by torchrun or accelerate."""
+    from .adapt.methods import TrainContext
+    from .training.config import TrainConfig
+    from .training.dist import Dist
+    from .training.loop import train as run_loop
+
+    cfg = train_config or TrainConfig()
+    method = _method_for("train", config)
+    if model_ref is None:
+        model_ref = getattr(model, "slimlm_ref", None)
+    dist = Dist.from_env(str(model_device(model)))
+    try:
+        plan = method.apply(model, config, TrainContext(tokenizer=tokenizer, model_ref=model_ref, seed=cfg.seed))
+        import dataclasses
+        run = {"model": model_ref, "method": method.name, "method_config": dataclasses.asdict(config),
+               "data": getattr(data, "describe", lambda: None)()}
+        return run_loop(model, plan, data, cfg, output=Path(output) if output is not None else None,
+                        tokenizer=tokenizer, eval_windows=eval_data, resume=resume, run=run, progress=progress,
+                        dist=dist)
+    finally:
+        dist.close()

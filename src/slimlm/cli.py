@@ -12,7 +12,7 @@ import time
 import click
 
 from . import __version__
-from .errors import SlimlmError
+from .errors import Interrupted, SlimlmError
 
 log = logging.getLogger("slimlm")
 
@@ -74,6 +74,11 @@ def _setup(threads: int | None) -> None:
     torch.set_num_threads(threads or int(os.environ.get("SLIMLM_THREADS", "2")))
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    try:                                   # save_pretrained's "Writing model shards" bar
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -338,6 +343,119 @@ def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
         click.echo(f"  {k}: {v}")
 
 
+def _train_command(family: str):
+    """`slimlm train`: TrainConfig's fields, the command's own data and output options, then the union of
+    every training method's config fields (registry.register refuses a name that clashes)."""
+    from . import registry
+    from .configs import field_help, option_name
+    from .training.config import TrainConfig
+
+    fam = registry.families()[family]
+    table = registry.methods(family)
+    fields: dict[str, tuple[str, list[str]]] = {}
+    for name, m in table.items():
+        for f in dataclasses.fields(m.config_cls):
+            if f.init:
+                help_, users = fields.get(f.name, (field_help(f), []))
+                users.append(name)
+                fields[f.name] = (help_, users)
+    train_fields = [f.name for f in dataclasses.fields(TrainConfig)]
+
+    def run(**kw):
+        _run_train(family, kw, sorted(fields), train_fields)
+
+    params = [
+        click.Option(["--model", "model_ref"], default="smollm2-135m", show_default=True, help=MODEL_HELP),
+        click.Option(["--method"], required=True, type=click.Choice(sorted(table)), help="the method"),
+        click.Option(["--data"], required=True, help="training data: text sources joined in order (comma-"
+                     "separated: a .txt, .jsonl with --field, .parquet, python-docs), or an instruction .jsonl "
+                     "({prompt, response} or chat {messages}; loss on the responses only)"),
+        click.Option(["--field"], default=None, help="text field of a .jsonl text source (without it a .jsonl "
+                     "is instruction data)"),
+        click.Option(["--prompt-field"], default="prompt", show_default=True, help="instruction .jsonl: prompt field"),
+        click.Option(["--response-field"], default="response", show_default=True,
+                     help="instruction .jsonl: response field"),
+        click.Option(["--messages-field"], default="messages", show_default=True,
+                     help="instruction .jsonl: chat messages field (rendered with the tokenizer's chat template)"),
+        click.Option(["--truncate"], is_flag=True, help="cut examples longer than --seqlen instead of refusing them"),
+        click.Option(["--eval-data"], default=None, help="text whose perplexity is measured before and after "
+                     "(and every --eval-every steps)"),
+        click.Option(["--output"], required=True, help="output folder (written when the run completes; "
+                     "checkpoints meanwhile in OUTPUT.partial)"),
+        click.Option(["--overwrite"], is_flag=True, help="replace an existing output folder"),
+        click.Option(["--resume"], is_flag=True, help="continue the run whose checkpoint is in OUTPUT.partial"),
+        click.Option(["--device"], default="cpu", show_default=True, help=DEVICE_HELP.format(what="where to train")),
+        click.Option(["--dtype"], default=None, help=DTYPE_HELP),
+        click.Option(["--threads"], type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)"),
+        click.Option(["--trust-remote-code"], is_flag=True, help="allow a model folder's own Python code to run"),
+    ]
+    for f in dataclasses.fields(TrainConfig):
+        params.append(click.Option([option_name(f.name), f.name], default=None, help=field_help(f)))
+    assert {p.name for p in params} <= fam.reserved | {"model_ref"}, "an own option missing from the registry"
+    for fname, (help_, users) in sorted(fields.items()):
+        scope = "" if len(users) == len(table) else f" [{', '.join(users)}]"
+        params.append(click.Option([option_name(fname), fname], default=None, help=help_ + scope))
+    methods = ", ".join(f"{n} ({m.help})" if m.help else n for n, m in sorted(table.items()))
+    return click.Command(family, callback=run, params=params, help=f"{fam.help}: {methods}. Several processes: "
+                         "`torchrun --nproc-per-node N -m slimlm train ...` or `accelerate launch -m slimlm train ...`")
+
+
+def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list[str]) -> None:
+    from pathlib import Path
+
+    from . import api, io, models, registry
+    from .configs import build_config
+    from .training import data as TD
+    from .training.config import TrainConfig
+
+    _setup(kw["threads"])
+    device, dtype = _device(kw["device"]), _dtype(kw["dtype"])
+    out = Path(kw["output"]).expanduser()
+    if not kw["resume"]:
+        io.check_output_dir(out, kw["overwrite"])
+    elif not out.parent.exists():
+        raise SlimlmError(f"the parent folder of {out} does not exist")
+    method = registry.get(family, kw["method"])
+    config = build_config(method.config_cls, {f: kw.get(f) for f in field_names}, method.name)
+    cfg = build_config(TrainConfig, {f: kw.get(f) for f in train_fields}, "train")
+    model = models.load_model(kw["model_ref"], dtype=dtype, device=device, trust_remote_code=kw["trust_remote_code"])
+    tok = models.load_tokenizer(kw["model_ref"], trust_remote_code=kw["trust_remote_code"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))        # torchrun / accelerate launch
+    steps = cfg.total_steps(world)
+    data = _train_data(TD, tok, kw, cfg, steps * cfg.grad_accum * world)
+    eval_windows = None
+    if kw["eval_data"]:
+        from . import data as D
+        eval_windows = D.eval_windows(D.tokenize(tok, D.load_text(kw["eval_data"])), cfg.seqlen, cfg.eval_windows)
+    t0 = time.perf_counter()
+    report = api.train(model, config, data, cfg, tokenizer=tok, output=out, eval_data=eval_windows,
+                       resume=kw["resume"], model_ref=kw["model_ref"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"trained {kw['model_ref']} with {method.name} for {report['steps']} steps in "
+                   f"{time.perf_counter() - t0:.1f} s -> {out}")
+        for k in ("trainable_parameters", "final_loss", "eval_perplexity_before", "eval_perplexity_after",
+                  "step_seconds_median", "tokens_per_s", "peak_rss_mb"):
+            if report.get(k) is not None:
+                click.echo(f"  {k}: {report[k]}")
+
+
+def _train_data(TD, tok, kw: dict, cfg, batches: int):
+    """Instruction data for a .jsonl without --field; otherwise text windows of the joined sources."""
+    sources = [s.strip() for s in kw["data"].split(",") if s.strip()]
+    if len(sources) == 1 and sources[0].endswith(".jsonl") and kw["field"] is None:
+        return TD.instruction_data(sources[0], tok, seqlen=cfg.seqlen, batch_size=cfg.batch_size, batches=batches,
+                                   seed=cfg.seed, prompt_field=kw["prompt_field"], response_field=kw["response_field"],
+                                   messages_field=kw["messages_field"], truncate=kw["truncate"])
+    if kw["field"] is not None:
+        import torch
+
+        from . import data as D
+        ids = torch.cat([D.tokenize(tok, D.load_text(s, field=kw["field"])) for s in sources])
+    else:
+        ids = TD.training_text(tok, sources)
+    return TD.text_windows(ids, seqlen=cfg.seqlen, batch_size=cfg.batch_size, batches=batches, seed=cfg.seed)
+
+
 class _LazyGroup(click.Group):
     """Builds the family commands (quantize, prune, ...) on first use, so `slimlm --help` stays fast."""
 
@@ -349,8 +467,9 @@ class _LazyGroup(click.Group):
         return sorted(set(super().list_commands(ctx)) | set(self._families()))
 
     def get_command(self, ctx, name):
-        if name in self._families():
-            return _family_command(name)
+        fams = self._families()
+        if name in fams:
+            return (_train_command if fams[name].command == "train" else _family_command)(name)
         return super().get_command(ctx, name)
 
 
@@ -371,8 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("slimlm: interrupted; no output was written", err=True)
+    except click.exceptions.Abort as e:     # click turns a KeyboardInterrupt into Abort
+        cause = e.__cause__
+        click.echo(f"slimlm: {cause}" if isinstance(cause, Interrupted) else "slimlm: interrupted; no output was written",
+                   err=True)
         return 130
     except click.ClickException as e:
         hint = " (see slimlm --help)" if isinstance(e, click.UsageError) else ""
@@ -384,8 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # configs' validation
         click.echo(f"slimlm: error: {' '.join(str(e).split())}", err=True)
         return 2
-    except KeyboardInterrupt:
-        click.echo("slimlm: interrupted; no output was written", err=True)
+    except KeyboardInterrupt as e:
+        click.echo(f"slimlm: {e}" if isinstance(e, Interrupted) else "slimlm: interrupted; no output was written",
+                   err=True)
         return 130
     except MemoryError:
         click.echo("slimlm: error: out of memory; use fewer --samples, a smaller --batch-size or --seqlen", err=True)

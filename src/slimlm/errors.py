@@ -8,3 +8,7 @@ class SlimlmError(Exception):
 
 class ConfigError(SlimlmError, ValueError):
     """A configuration value is out of range or inconsistent."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during work that kept what it had done (a training checkpoint); the message says where."""

@@ -25,6 +25,7 @@ class Family:
     done: how the command reports a result ("quantized ... with gptq")
     reserved: option names the command takes itself; a method config field of the same name would be
               shadowed by it, so `register` refuses one
+    command: which kind of command the CLI builds: "compress" (one shot: load, apply, save) or "train"
     """
     name: str
     modules: tuple[str, ...]
@@ -32,6 +33,7 @@ class Family:
     done: str
     reserved: frozenset[str]
     help: str = ""
+    command: str = "compress"
 
 
 # Options of the one-shot compression commands (slimlm.cli._family_command), shared by quantize and prune.
@@ -202,3 +204,18 @@ register_family(Family("quantize", ("slimlm.quant.methods", "slimlm.quant.awq"),
                        COMPRESSION_OPTIONS, "Quantize a model"))
 register_family(Family("prune", ("slimlm.pruning.methods", "slimlm.pruning.structured"), "prune", "pruned",
                        COMPRESSION_OPTIONS, "Prune a model"))
+
+
+def _train_options() -> frozenset[str]:
+    """`slimlm train`'s own options: every TrainConfig field and the command's model, data and output ones."""
+    import dataclasses
+
+    from .training.config import TrainConfig
+
+    return frozenset({f.name for f in dataclasses.fields(TrainConfig)} | {
+        "model", "method", "data", "field", "output", "overwrite", "resume", "eval_data", "device", "dtype",
+        "threads", "trust_remote_code", "prompt_field", "response_field", "messages_field", "truncate"})
+
+
+register_family(Family("train", ("slimlm.adapt.methods",), "train", "trained", _train_options(),
+                       "Train a model (fine-tuning, adapters)", command="train"))

@@ -1,0 +1,180 @@
+"""The training loop: determinism, checkpoints and exact resume after kill -9, Ctrl-C, gradient accumulation,
+two data-parallel processes against one with the doubled batch, the report and the metrics log."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from slimlm import api
+from slimlm.adapt.methods import FullConfig, TopConfig
+from slimlm.cli import main
+from slimlm.errors import SlimlmError
+from slimlm.training import data as TD
+from slimlm.training.config import TrainConfig
+
+from conftest import TEXT, random_windows, tiny_model
+
+ENV = {**os.environ, "SLIMLM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def windows_data(steps: int, batch: int, seqlen: int = 32, seed: int = 0):
+    return TD.text_windows(random_windows(200, 64, seed).reshape(-1), seqlen=seqlen, batch_size=batch,
+                           batches=steps, seed=seed)
+
+
+def losses(folder) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def cli_train(folder, out, *extra, steps=6):
+    return [sys.executable, "-m", "slimlm", "train", "--model", str(folder), "--method", "top", "--layers", "1",
+            "--data", str(folder / "text.txt"), "--seqlen", "32", "--batch-size", "2", "--steps", str(steps),
+            "--lr", "1e-3", "--output", str(out), *extra]
+
+
+@pytest.fixture
+def run_dir(model_dir):
+    (model_dir / "text.txt").write_text(TEXT * 5)
+    return model_dir
+
+
+def test_same_run_twice_gives_the_same_losses_and_every_step_is_logged(tmp_path):
+    cfg = TrainConfig(steps=5, seqlen=32, batch_size=2, lr=1e-3, eval_every=2, eval_windows=2)
+    reports = []
+    for name in ("a", "b"):
+        rep = api.train(tiny_model("llama"), TopConfig(layers=1), windows_data(5, 2), cfg, output=tmp_path / name,
+                        eval_data=random_windows(2, 32, 9), progress=False)
+        reports.append(rep)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all({"loss", "lr", "tokens", "seconds"} <= set(r) for r in rows)
+    assert [("eval_perplexity" in r) for r in rows] == [False, True, False, True, True]
+    assert rows[-1]["eval_perplexity"] == reports[0]["eval_perplexity_after"]
+    import math  # 10% warmup of 5 steps is none: cosine from the first step
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(5)])
+    assert not (tmp_path / "a.partial").exists()
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    """4 windows in one micro-batch, or 2 micro-batches of 2: the same mean over the step's tokens."""
+    one = api.train(tiny_model("llama"), FullConfig(), windows_data(4, 4), TrainConfig(steps=4, seqlen=32, batch_size=4,
+                    lr=1e-3), output=tmp_path / "one", progress=False)
+    two = api.train(tiny_model("llama"), FullConfig(), windows_data(8, 2), TrainConfig(steps=4, seqlen=32, batch_size=2,
+                    grad_accum=2, lr=1e-3), output=tmp_path / "two", progress=False)
+    assert one["final_loss"] == pytest.approx(two["final_loss"], abs=1e-5)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+
+
+def test_kill_9_then_resume_logs_the_same_losses(run_dir, tmp_path):
+    whole = subprocess.run(cli_train(run_dir, tmp_path / "whole", steps=40), env=ENV, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli_train(run_dir, out, "--save-every", "4", steps=40), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_json = tmp_path / "killed.partial" / "checkpoint" / "run.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_json.is_file() and json.loads(run_json.read_text())["step"] >= 8):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run finished before it could be killed; make it longer"
+    saved = json.loads(run_json.read_text())["step"]
+    assert 8 <= saved < 40
+    resumed = subprocess.run(cli_train(run_dir, out, "--save-every", "4", "--resume", steps=40), env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(out) == losses(tmp_path / "whole")          # bit for bit, steps before and after the kill
+    assert not (tmp_path / "killed.partial").exists()
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["resumed_at"] == saved
+
+
+def test_ctrl_c_writes_a_checkpoint_and_no_output(run_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cli_train(run_dir, out, steps=400), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out.partial" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]                # above it: the progress bar
+    assert last.startswith("slimlm: interrupted after step") and "--resume" in last, err
+    assert not out.exists()
+    step = json.loads((tmp_path / "out.partial" / "checkpoint" / "run.json").read_text())["step"]
+    assert step >= 3 and len(metrics.read_text().splitlines()) == step
+    # without --resume the interrupted run is not silently discarded
+    again = subprocess.run(cli_train(run_dir, out, steps=400), env=ENV, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_equal_one_with_the_doubled_batch(run_dir, tmp_path, launcher):
+    one = subprocess.run(cli_train(run_dir, tmp_path / "one", "--batch-size", "4", steps=4), env=ENV,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    args = cli_train(run_dir, tmp_path / "two", steps=4)[3:]            # after "-m slimlm"
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "slimlm",
+               *args]
+    else:
+        # accelerate's --cpu runs one process (its multi-CPU mode needs MPI); --multi_gpu starts the processes
+        # through torchrun, and slimlm joins them with gloo on a CPU
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "slimlm", *args]
+    two = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    report = json.loads((tmp_path / "two" / "train_report.json").read_text())
+    assert report["processes"] == 2 and report["world"] == 2
+
+
+def test_bad_input_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys):
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    base = ["train", "--model", str(run_dir), "--method", "top", "--data", str(run_dir / "text.txt"),
+            "--output", str(outs / "o"), "--seqlen", "32"]
+    for extra, match in [(["--lr", "0"], "--lr must be a positive number"),
+                         (["--steps", "0"], "--steps must be at least 1"),
+                         (["--steps", "2", "--tokens", "9"], "either --steps or --tokens"),
+                         (["--layers", "9"], "more than the model's 2 decoder layers"),
+                         (["--resume"], "no checkpoint"),
+                         (["--optimizer", "lion"], "--optimizer must be one of")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
+        assert not list(outs.iterdir()), extra
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
+    data = windows_data(6, 2)
+    cfg = TrainConfig(steps=6, seqlen=32, batch_size=2, save_every=2)
+    model = tiny_model("llama")
+    api.train(model, TopConfig(layers=1), data, TrainConfig(steps=2, seqlen=32, batch_size=2), progress=False)
+    from slimlm.training import checkpoint as C
+    from slimlm.training.loop import train as loop
+    from slimlm.training.plan import TrainPlan
+
+    plan = TrainPlan(params={"w": torch.nn.Parameter(torch.zeros(2))}, save=lambda *a: None)
+    C.save(tmp_path / "o.partial", 2, {"model": "m", "method": "top", "method_config": {"layers": 1}, "data": None,
+                                       "world": 1, "batch_size": 2, "grad_accum": 1, "seqlen": 32, "seed": 0},
+           {"w": torch.zeros(2)}, torch.optim.SGD(plan.params.values(), lr=0.1))
+    with pytest.raises(SlimlmError, match="another run .method was 'top', now 'full'"):
+        loop(model, plan, data, cfg, output=tmp_path / "o", resume=True, progress=False,
+             run={"model": "m", "method": "full", "method_config": {}, "data": None})

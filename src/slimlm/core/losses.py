@@ -7,9 +7,9 @@ For positions i with hidden state h_i (H,), output weight W (V, H), optional bia
     dloss_i/dz_i = softmax(z_i) - onehot(y_i)  =: g_i
     dL/dh_i = g_i W      dL/dW = sum_i g_i^T h_i      dL/db = sum_i g_i
 Positions whose label is `ignore_index` contribute nothing (g_i = 0); "mean" divides by the number of the
-others, as F.cross_entropy does. The forward keeps only logsumexp(z_i) per position; the backward recomputes
-each chunk's logits from h and W (one extra matmul per chunk) instead of storing them (the same idea as
-Liger-Kernel's fused linear cross-entropy).
+others, as F.cross_entropy does. Each chunk's logits exist only while the chunk is processed; the gradients
+are computed then, in the forward (the same idea as Liger-Kernel's fused linear cross-entropy), so that no
+logit is ever recomputed.
 """
 from __future__ import annotations
 
@@ -29,62 +29,60 @@ def _chunk_logits(h: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
-    """Forward: per chunk z, lse = logsumexp(z), loss += lse - z[y]. Backward: per chunk recompute z,
-    g = exp(z - lse) - onehot(y) in place, then grad_h = g W, grad_W += g^T h, grad_b += sum g."""
+    """Forward, per chunk: z, lse = logsumexp(z), loss += lse - z[y], and where gradients are needed
+    g = exp(z - lse) - onehot(y) (in place, in z's buffer), grad_h = g W, grad_W += g^T h, grad_b += sum g.
+    The loss is the last operation of a training step, so the gradient of the summed loss is computed while
+    the chunk's logits exist (two products per chunk, as an unchunked loss takes) and the backward only
+    scales it by dL/dloss."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int,
                 ignore_index: int, mean: bool) -> Tensor:
         N = hidden.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         W = weight.float()                                   # no copy when already fp32
         b = None if bias is None else bias.float()
         valid = labels != ignore_index                       # (N,)
         target = labels.masked_fill(~valid, 0)               # (N,) safe to gather
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_W = torch.zeros_like(W) if need_w else None     # (V, H) fp32 accumulator
+        grad_b = torch.zeros_like(b) if need_b else None     # (V,) fp32
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
-            z = _chunk_logits(hidden[s:e], W, b)             # (C, V)
+            h = hidden[s:e].float()                          # (C, H)
+            z = _chunk_logits(h, W, b)                       # (C, V)
             z_y = z.gather(1, target[s:e, None]).squeeze(1)  # (C,) target logits, before z is overwritten
             m = z.amax(1)                                    # (C,) logsumexp in place: m + log sum exp(z - m)
-            lse[s:e] = m + z.sub_(m[:, None]).exp_().sum(1).log_()
-            total += torch.where(valid[s:e], lse[s:e] - z_y, 0.0).sum()
+            z.sub_(m[:, None]).exp_()                        # exp(z - m)
+            sumexp = z.sum(1)
+            lse = m + sumexp.log()
+            total += torch.where(valid[s:e], lse - z_y, 0.0).sum()
+            if need_h or need_w or need_b:
+                g = z.div_(sumexp[:, None])                  # softmax
+                g[torch.arange(e - s, device=g.device), target[s:e]] -= 1.0      # - onehot(y)
+                g.mul_(valid[s:e, None])                     # ignored rows -> 0
+                if need_h:
+                    torch.mm(g, W, out=grad_h[s:e])          # (C, H)
+                if need_w:
+                    grad_W.addmm_(g.t(), h)                  # (V, H)
+                if need_b:
+                    grad_b += g.sum(0)
             del z
         count = valid.sum()
         ctx.mean = mean
-        ctx.chunk_size = chunk_size
-        ctx.save_for_backward(hidden, weight, bias, target, valid, lse, count)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(grad_h, grad_W, grad_b, count)
         return total / count if mean else total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        hidden, weight, bias, target, valid, lse, count = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        W = weight.float()
-        b = None if bias is None else bias.float()
-        g_scale = grad_out.float() / count if ctx.mean else grad_out.float()   # () dL/dloss_i
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_W = torch.zeros_like(W) if need_w else None                      # (V, H) fp32 accumulator
-        grad_b = torch.zeros_like(b) if need_b else None                      # (V,) fp32
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
-            e = min(s + ctx.chunk_size, hidden.shape[0])
-            h = hidden[s:e].float()                                           # (C, H)
-            g = _chunk_logits(h, W, b).sub_(lse[s:e, None]).exp_()             # (C, V) softmax, in place
-            g[torch.arange(e - s, device=g.device), target[s:e]] -= 1.0        # - onehot(y)
-            g.mul_(torch.where(valid[s:e], g_scale, 0.0)[:, None])             # ignored rows -> 0
-            if need_h:
-                grad_h[s:e] = torch.mm(g, W)                                   # (C, H)
-            if need_w:
-                grad_W.addmm_(g.t(), h)                                        # (V, H)
-            if need_b:
-                grad_b += g.sum(0)
-            del g
-        if need_w:
-            grad_W = grad_W.to(weight.dtype)
-        if need_b:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_W, grad_b, None, None, None, None
+        grad_h, grad_W, grad_b, count = ctx.saved_tensors
+        scale = grad_out.float() / count if ctx.mean else grad_out.float()    # () dL/dloss_i
+        dh, dw, db = ctx.dtypes
+        out = [None if g is None else (g * scale).to(dt) for g, dt in ((grad_h, dh), (grad_W, dw), (grad_b, db))]
+        return out[0], out[1], out[2], None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
@@ -102,11 +100,11 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
     layer skips the (V, H) accumulation entirely); they are returned in each input's dtype.
 
     Memory: logits, softmax and gradient exist for one chunk at a time, each computed in place in one
-    (chunk_size, V) fp32 buffer; across chunks only O(N) floats are kept (logsumexp per position). Peak extra
+    (chunk_size, V) fp32 buffer; across chunks only the (N, H) gradient of `hidden` is kept. Peak extra
     memory is therefore chunk_size * V floats plus: an fp32 copy of W when W is not fp32, and, when W
     requires grad, the (V, H) fp32 grad_weight accumulator (the size of the gradient itself). A plain
-    F.cross_entropy holds N * V logits and as many for their gradient. The price is one more matmul per
-    chunk in the backward (the logits are recomputed).
+    F.cross_entropy holds N * V logits and as many for their gradient. Work: the two products per chunk an
+    unchunked loss takes (logits, gradient of hidden), plus grad_weight's when the weight trains.
     """
     if reduction not in ("sum", "mean"):
         raise ConfigError(f"reduction must be 'sum' or 'mean', got {reduction!r}")

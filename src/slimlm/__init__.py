@@ -15,11 +15,12 @@ _CONFIGS = {
     "slimlm.pruning.configs": ("MagnitudeConfig", "WandaConfig", "SparseGPTConfig"),
     "slimlm.pruning.structured": ("StructuredConfig",),
     "slimlm.adapt.methods": ("FullConfig", "TopConfig"),
+    "slimlm.adapt.lora": ("LoRAConfig",),
     "slimlm.training.config": ("TrainConfig",),
 }
 
 __all__ = ["__version__", "load_model", "load_tokenizer", "save_model", "evaluate", "quantize", "prune",
-           "export", "train", "calibration_data", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
+           "export", "train", "merge", "calibration_data", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
 
 
 
@@ -28,7 +29,7 @@ def __getattr__(name: str):
     if name in ("load_model", "load_tokenizer", "save_model"):
         from . import models
         return getattr(models, name)
-    if name in ("evaluate", "quantize", "prune", "export", "train", "calibration_data"):
+    if name in ("evaluate", "quantize", "prune", "export", "train", "merge", "calibration_data"):
         from . import api
         return getattr(api, name)
     for module, names in _CONFIGS.items():

@@ -19,7 +19,7 @@ from . import data as D
 from . import metrics as E
 from . import registry
 from .calibration import RunnerOptions
-from .errors import SlimlmError
+from .errors import ConfigError, SlimlmError
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +186,51 @@ def train(model: nn.Module, config: Any, data, train_config: Any = None, *, toke
                         dist=dist)
     finally:
         dist.close()
+
+
+def merge(model: nn.Module, adapter: str | os.PathLike, *, into: str = "base", requantize: str = "rtn",
+          calibration: Tensor | None = None, eval_data: Tensor | None = None, max_kl: float | None = None,
+          progress: bool = True) -> dict:
+    """Load the PEFT adapter folder `adapter` onto `model` and merge it in place (slimlm.adapt.merge): exactly
+    into float layers; into packed layers by re-quantizing onto their stored grid (requantize="rtn", or
+    "gptq" with `calibration` windows for the Hessians); into="float" makes the adapted layers full-precision
+    copies instead. With `eval_data` windows, reports what the merge changed against the unmerged model (KL
+    divergence, top-1 agreement, perplexity of both) and, with `max_kl`, refuses (ConfigError, nothing
+    changed) when the KL is above it."""
+    import copy
+    import tempfile
+
+    from .adapt import merge as M
+    from .adapt.peft_io import load_peft
+
+    if requantize not in M.METHODS:
+        raise SlimlmError(f"requantize must be one of {', '.join(M.METHODS)} (got {requantize!r})")
+    if requantize == "gptq" and calibration is None:
+        raise SlimlmError("GPTQ re-quantization needs calibration data: pass calibration= windows (CLI: --data)")
+    layers = load_peft(model, adapter)
+    report: dict[str, Any] = {"adapter": str(adapter), "adapted_layers": len(layers), "into": into,
+                              "requantize": requantize}
+    hessians = M.input_hessians(model, calibration) if requantize == "gptq" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = None
+        if eval_data is not None:
+            ref = E.ReferenceLogprobs.write(model, eval_data, Path(tmp) / "unmerged.f32", progress=progress)
+            report["perplexity_unmerged"] = E.score(model, eval_data, progress=progress)["perplexity"]
+        work = copy.deepcopy(model) if max_kl is not None else model
+        report.update(M.merge_adapter(work, into=into, hessians=hessians))
+        if ref is not None:
+            s = E.score(work, eval_data, ref, progress=progress)
+            report.update(perplexity_merged=s["perplexity"], merge_kl_divergence=s["kl_divergence"],
+                          merge_top1_agreement=s["top1_agreement"])
+    if max_kl is not None and report.get("merge_kl_divergence", 0.0) > max_kl:
+        from .adapt.lora import remove_lora
+        remove_lora(model)                      # the model is back to its base, unmerged
+        raise ConfigError(f"merging adds a KL divergence of {report['merge_kl_divergence']:.4f} per token against the "
+                          f"unmerged model (perplexity {report['perplexity_unmerged']:.3f} -> "
+                          f"{report['perplexity_merged']:.3f}), above {max_kl}; merge into a float copy (--into float), "
+                          "use --requantize gptq with --data, or accept it with --force")
+    if work is not model:                       # the merged copy's layers replace the adapted ones
+        from .modules import set_submodule
+        for name in layers:
+            set_submodule(model, name, work.get_submodule(name))
+    return report

@@ -125,6 +125,7 @@ def _eval_table(rows: list[tuple[str, dict]]) -> str:
 @click.option("--field", default="text", show_default=True, help="text field of a .jsonl / column of a .parquet")
 @click.option("--windows", default="32", show_default=True, help="evaluation windows: a number or 'all'")
 @click.option("--seqlen", default=512, show_default=True, type=int, help="tokens per window")
+@click.option("--adapter", default=None, help="a PEFT LoRA adapter folder applied to --model first")
 @click.option("--reference", default=None,
               help="a reference model: KL divergence and top-1 agreement for a causal or masked LM (at the masked "
               "positions), cosine of mean-pooled embeddings for an embedding model (which needs one)")
@@ -138,7 +139,7 @@ def _eval_table(rows: list[tuple[str, dict]]) -> str:
 @click.option("--dtype", default=None, help=DTYPE_HELP)
 @click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
 @click.option("--trust-remote-code", is_flag=True, help="allow a model folder's own Python code to run")
-def eval_cmd(model_ref, data, field, windows, seqlen, reference, masked_positions, speed, as_json, device, dtype,
+def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked_positions, speed, as_json, device, dtype,
              threads, trust_remote_code):
     """Perplexity (pseudo-perplexity for a masked LM), agreement with a reference, size and speed of a model."""
     from . import api, models
@@ -154,6 +155,10 @@ def eval_cmd(model_ref, data, field, windows, seqlen, reference, masked_position
     device, dtype = _device(device), _dtype(dtype)
     t0 = time.perf_counter()
     model = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if adapter:
+        from .adapt.peft_io import load_peft
+        load_peft(model, adapter)
+        model.eval()
     load_s = time.perf_counter() - t0
     tok = models.load_tokenizer(model_ref, trust_remote_code=trust_remote_code)
     ref = models.load_model(reference, dtype=dtype, device=device, trust_remote_code=trust_remote_code) \
@@ -211,6 +216,51 @@ def export_cmd(model_ref, fmt, output, overwrite):
     tok = models.load_tokenizer(model_ref)
     path = api.export(model, tok, output, fmt, overwrite=overwrite)
     click.echo(f"exported {model_ref} as {fmt} -> {path}")
+
+
+@cli.command("merge")
+@click.option("--model", "model_ref", required=True, help="the base the adapter was trained on: " + MODEL_HELP)
+@click.option("--adapter", required=True, help="a PEFT LoRA/DoRA adapter folder (slimlm train writes one)")
+@click.option("--output", required=True, help="output folder (written only when complete)")
+@click.option("--into", default="base", show_default=True, type=click.Choice(["base", "float"]),
+              help="base: into the base's own layers (packed layers are re-quantized onto their stored grid); "
+                   "float: the adapted layers become full-precision copies")
+@click.option("--requantize", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]),
+              help="packed base layers: round the merged weight to the nearest point of the layer's grid, or "
+                   "choose the points by GPTQ's error feedback (needs --data)")
+@click.option("--data", default=None, help="calibration " + DATA_HELP + " (for --requantize gptq)")
+@click.option("--samples", default=128, show_default=True, type=int, help="calibration windows")
+@click.option("--seqlen", default=512, show_default=True, type=int, help="tokens per window")
+@click.option("--eval-data", default="python-docs", show_default=True,
+              help="text on which the merge's error (KL against the unmerged model, perplexity) is measured")
+@click.option("--windows", default=8, show_default=True, type=int, help="evaluation windows")
+@click.option("--max-kl", default=0.05, show_default=True, type=float,
+              help="refuse a merge that adds more KL divergence per token than this")
+@click.option("--force", is_flag=True, help="write the merged model whatever its error")
+@click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
+def merge_cmd(model_ref, adapter, output, into, requantize, data, samples, seqlen, eval_data, windows, max_kl,
+              force, overwrite, threads):
+    """Merge a LoRA adapter into its base (quantized bases included) and write the merged model."""
+    from . import api, io, models
+    from . import data as D
+
+    _setup(threads)
+    out = io.check_output_dir(output, overwrite)
+    if requantize == "gptq" and not data:
+        raise SlimlmError("--requantize gptq needs calibration data: add --data SOURCE")
+    model = models.load_model(model_ref)
+    tok = models.load_tokenizer(model_ref)
+    calib = api.calibration_data(tok, data, samples=samples, seqlen=seqlen) if data else None
+    evalw = D.eval_windows(D.tokenize(tok, D.load_text(eval_data)), seqlen, windows) if windows else None
+    report = api.merge(model, adapter, into=into, requantize=requantize, calibration=calib, eval_data=evalw,
+                       max_kl=None if force else max_kl)
+    with io.atomic_dir(out, overwrite) as tmp:
+        written = models.save_model(model, tok, tmp)
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    click.echo(f"merged {adapter} into {model_ref} -> {out} ({written} format)")
+    for k, v in report.items():
+        click.echo(f"  {k}: {v}")
 
 
 @cli.command("demo")

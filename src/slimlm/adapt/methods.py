@@ -3,8 +3,8 @@ loop a TrainPlan (slimlm.training.plan).
 
     full   every weight of the model (the baseline the parameter-efficient methods are judged against)
     top    the top N decoder layers (and the final norm) only
-    lora   LoRA / DoRA / rsLoRA adapters on the chosen linear layers of any base slimlm loads, quantized
-           bases included (QLoRA); saved as a PEFT adapter folder
+    lora   LoRA / DoRA / rsLoRA adapters (slimlm.adapt.lora) on the chosen linear layers of any base slimlm
+           loads, quantized bases included (QLoRA); saved as a PEFT adapter folder (slimlm.adapt.peft_io)
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..calibration import find_blocks
 from ..errors import ConfigError
 from ..registry import register
 from ..training.plan import TrainPlan
+from .lora import LoRAConfig, add_lora, lora_parameters
 
 
 @dataclass
@@ -86,6 +87,25 @@ def prepare_top(model: nn.Module, config: TopConfig, ctx: TrainContext) -> Train
     if norm is not None:
         mods.append(norm)
     return _plan(model, mods, {"method": "top", **asdict(config)})
+
+
+@register("train", "lora", LoRAConfig, needs_data=True,
+          help="LoRA / DoRA / rsLoRA adapters on a float or quantized base (QLoRA), saved as a PEFT folder")
+def prepare_lora(model: nn.Module, config: LoRAConfig, ctx: TrainContext) -> TrainPlan:
+    from ..formats.native import runtime_modules
+    from .peft_io import save_peft
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = add_lora(model, config, "default", seed=ctx.seed)
+    packed = runtime_modules(model)
+
+    def save(model: nn.Module, tokenizer, folder: Path) -> None:
+        save_peft(model, folder, "default", base_model_ref=ctx.model_ref)
+
+    info = {"method": "lora", **asdict(config), "adapted_layers": len(layers),
+            "quantized_base_layers": len(packed)}
+    return TrainPlan(params=lora_parameters(model, "default"), save=save, info=info)
 
 
 def _final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:

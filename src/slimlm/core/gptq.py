@@ -126,7 +126,7 @@ def _group_layout(perm: Tensor, group_size: int, dynamic: bool) -> tuple[list[in
 
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: bool, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                  range_search: bool = False) -> QuantResult:
+                  range_search: bool = False, grid: tuple[Tensor, Tensor] | None = None) -> QuantResult:
     """GPTQ-quantize W (out, in) under Hessian H (in, in). Returns a QuantResult in the ORIGINAL column order.
 
     group_size: -1 per output channel, 0 per tensor, g > 0 groups of g columns. Per-group scale/zero are
@@ -136,6 +136,9 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: b
     (groups are consecutive in the processing order, or contiguous original groups with static_groups).
     range_search: scales computed up front (static groups, per channel) shrink each group's range by the
     factor that minimises the diag(H)-weighted rounding error (core.quant.search_group_qparams).
+    grid: a given (scale, zero), each (out, G), of contiguous original groups: the codes are chosen on it
+    with GPTQ's error feedback and the grid is returned unchanged (re-quantizing a merged weight onto the
+    grid its layer already has).
     """
     out_f, in_f = W.shape
     check_quant_args(bits, group_size, in_f)
@@ -143,9 +146,14 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, symmetric: b
     W = W.detach().float().clone()
     W[:, prep.dead] = 0
     perm = prep.perm if prep.perm is not None else torch.arange(in_f, device=W.device)
-    dynamic = group_size > 0 and not static_groups
+    dynamic = group_size > 0 and not static_groups and grid is None
     col_group, g_idx = _group_layout(perm, group_size, dynamic)
-    if dynamic:
+    if grid is not None:
+        scale, zero = (t.to(W.device, torch.float32).clone() for t in grid)
+        if scale.shape != (out_f, num_groups(in_f, group_size)) or zero.shape != scale.shape:
+            raise ConfigError(f"grid scale/zero of shape {tuple(scale.shape)}/{tuple(zero.shape)} do not fit "
+                              f"{out_f} rows of {num_groups(in_f, group_size)} groups")
+    elif dynamic:
         scale = W.new_zeros(out_f, num_groups(in_f, group_size))
         zero = torch.zeros_like(scale)
     elif range_search:  # original order: static groups

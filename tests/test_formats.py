@@ -119,3 +119,25 @@ def test_export_command_lists_the_registry_and_refuses_unknown_formats(capsys, t
     assert main(["export", "--model", str(model_dir), "--format", "slimlm", "--output", str(tmp_path / "o")]) == 0
     back, ref = slimlm.load_model(str(tmp_path / "o")), slimlm.load_model(str(model_dir))
     assert torch.equal(logits(back), logits(ref))
+
+
+def test_a_model_with_an_adapter_saves_the_adapter_and_loads_back_from_it(tmp_path, model_dir):
+    """The peft format: the default for a model holding LoRA layers (the base formats refuse it); its folder
+    is a model reference: the base it names, with the adapter on it."""
+    from slimlm.adapt.lora import LoRAConfig, add_lora, lora_parameters
+
+    model = slimlm.load_model(str(model_dir))
+    add_lora(model, LoRAConfig(r=2, targets="q_proj,v_proj"))
+    with torch.no_grad():
+        for name, p in lora_parameters(model).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    assert registry.default_format(model).name == "peft"
+    for fmt in ("hf", "slimlm", "gptq", "compressed-tensors"):
+        with pytest.raises(ConfigError, match="carries a LoRA adapter"):
+            slimlm.export(model, None, tmp_path / fmt, fmt)
+    out = slimlm.export(model, None, tmp_path / "adapter")
+    assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
+    back = slimlm.load_model(str(out))
+    assert torch.equal(logits(back), logits(model))
+    assert slimlm.load_tokenizer(str(out)).vocab_size == slimlm.load_tokenizer(str(model_dir)).vocab_size

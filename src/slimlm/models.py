@@ -133,9 +133,13 @@ def _offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("0", "", "false")
 
 
-def _check_folder(folder: Path) -> dict:
+def _check_folder(folder: Path) -> dict | None:
+    """The folder's parsed config.json after checking its weights; None for an adapter folder (no config.json,
+    an adapter_config.json), which the format registry recognises."""
     cfg = folder / "config.json"
     if not cfg.is_file():
+        if (folder / "adapter_config.json").is_file():
+            return None
         raise SlimlmError(f"{folder} holds no model (no config.json); give a Hugging Face model folder")
     refuse_pickles(folder)
     if not any(folder.glob("*.safetensors")):
@@ -163,6 +167,8 @@ def load_model(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, tr
         if kind == "folder":
             path = Path(where)
             fmt = registry.recognise(path, _check_folder(path))
+            if fmt is None:
+                raise SlimlmError(f"{path} is in no format slimlm reads")
             model = fmt.load(path, dtype=dtype, trust_remote_code=trust_remote_code)
         elif kind == "gguf":
             from transformers import AutoModelForCausalLM
@@ -191,6 +197,12 @@ def load_tokenizer(ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False)
     from transformers import AutoTokenizer
 
     kind, where = resolve(ref)
+    if kind == "folder" and not (Path(where) / "config.json").is_file() \
+            and (Path(where) / "adapter_config.json").is_file() and not any(Path(where).glob("tokenizer*")):
+        from .adapt.peft_io import read_adapter_config  # an adapter folder: its base's tokenizer
+        base = read_adapter_config(where).get("base_model_name_or_path")
+        if base:
+            return load_tokenizer(str(base), trust_remote_code=trust_remote_code)
     try:
         if kind == "gguf":
             p = Path(where)

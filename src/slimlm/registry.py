@@ -120,7 +120,7 @@ def get(family: str, name: str) -> Method:
 # ------------------------------------------------------------------------------------------------ formats
 # Modules whose import registers formats.
 _FORMAT_MODULES = ("slimlm.formats.native", "slimlm.formats.bnb", "slimlm.formats.gptq",
-                   "slimlm.formats.compressed_tensors", "slimlm.formats.hf")
+                   "slimlm.formats.compressed_tensors", "slimlm.formats.peft", "slimlm.formats.hf")
 
 
 @dataclass(frozen=True)

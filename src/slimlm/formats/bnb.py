@@ -49,6 +49,8 @@ def save(model: nn.Module, tokenizer, folder: Path) -> None:
 
 
 def refuses(model: nn.Module) -> str | None:
+    if F.adapter_refusal(model):
+        return F.adapter_refusal(model)
     kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (NF4Linear, Int8Linear, QuantLinear))}
     if kinds not in ({"NF4Linear"}, {"Int8Linear"}):
         return ("bitsandbytes checkpoints hold NF4/FP4 or LLM.int8() layers, one kind per model; this model has "

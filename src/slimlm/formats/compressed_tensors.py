@@ -220,6 +220,8 @@ def save(model: nn.Module, tokenizer, folder: Path, scale_dtype: torch.dtype | N
 def refuses(model: nn.Module) -> str | None:
     from .native import runtime_modules
 
+    if F.adapter_refusal(model):
+        return F.adapter_refusal(model)
     qmods = quantized_modules(model)
     other = [n for n, m in runtime_modules(model).items() if n not in qmods]
     if other:

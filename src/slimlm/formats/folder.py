@@ -143,3 +143,14 @@ def finish_loading(model: nn.Module, state: dict[str, torch.Tensor], folder: Pat
         from transformers import GenerationConfig
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     return model.eval()
+
+
+def adapter_refusal(model: nn.Module) -> str | None:
+    """Why a folder of the base's weights cannot hold this model: it holds LoRA adapter layers."""
+    from ..adapt.lora import lora_layers
+
+    names = list(lora_layers(model))
+    if names:
+        return (f"{names[0]} (and {len(names) - 1} more) carries a LoRA adapter; save the adapter (format peft) "
+                "or merge it into the base first (slimlm merge, slimlm.merge)")
+    return None

@@ -67,6 +67,8 @@ def _check(model: nn.Module, checkpoint_format: str) -> tuple[int, int, bool]:
     """The model's one (bits, group_size, symmetric), or ConfigError saying why GPTQ cannot hold it (a zero
     point of 0, which v1 cannot store, is found only while writing)."""
     del checkpoint_format
+    if F.adapter_refusal(model):
+        raise ConfigError(F.adapter_refusal(model))
     qmods = quantized_modules(model)
     if not qmods:
         raise ConfigError("the model has no packed quantized layers (quantize it with rtn, gptq or awq first)")

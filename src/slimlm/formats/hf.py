@@ -50,8 +50,11 @@ def save(model: nn.Module, tokenizer, folder: Path) -> None:
 
 
 def refuses(model: nn.Module) -> str | None:
+    from .folder import adapter_refusal
     from .native import runtime_modules
 
+    if adapter_refusal(model):
+        return adapter_refusal(model)
     packed = list(runtime_modules(model))
     if packed:
         return (f"{packed[0]} (and {len(packed) - 1} more) is a packed quantized layer, which a plain folder "

@@ -181,7 +181,7 @@ def _read(path: Path, dtype: torch.dtype | None, raw: tuple[str, ...]) -> dict[s
 
 
 def refuses(model: nn.Module) -> str | None:
-    return None
+    return F.adapter_refusal(model)
 
 
 register_format(Format(

@@ -13,6 +13,21 @@ from torch import Tensor, nn
 from slimlm.core.llm_int8 import int8_dequantize_weight, int8_linear, int8_quantize_weight
 
 
+class _Int8Grad(torch.autograd.Function):
+    """LLM.int8() product in forward; dL/dx = dL/dy @ W_hat in backward (W_hat = CB * SCB / 127 rebuilt at
+    each call, nothing float is cached), as bitsandbytes' MatMul8bitLt does for a frozen weight. Without it
+    the rounding of x to int8 would cut the gradient to adapters before a frozen int8 layer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: Int8Linear) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return int8_linear(x, layer.weight, layer.SCB, layer.bias, layer.threshold)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        return gy @ ctx.layer.dequantize_weight(gy.dtype), None
+
+
 class Int8Linear(nn.Module):
     """y = LLM.int8()(x; CB, SCB) + b (weights int8 row-wise, outlier features in floating point)."""
 
@@ -39,6 +54,8 @@ class Int8Linear(nn.Module):
         return int8_dequantize_weight(self.weight, self.SCB).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:   # frozen weight: the gradient flows to x only
+            return _Int8Grad.apply(x, self)
         return int8_linear(x, self.weight, self.SCB, self.bias, self.threshold)
 
     def bits_per_weight(self) -> float:

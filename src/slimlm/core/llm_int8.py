@@ -37,14 +37,16 @@ def int8_quantize_weight(W: Tensor) -> tuple[Tensor, Tensor]:
 
 def int8_dequantize_weight(CB: Tensor, SCB: Tensor) -> Tensor:
     """W_hat (out, in) fp32 = CB * SCB[:, None] / 127."""
-    return CB.float() * (SCB.float()[:, None] / 127.0)
+    return CB.float().mul_(SCB.float()[:, None] / 127.0)
 
 
-def _rowwise_int8(A: Tensor) -> tuple[Tensor, Tensor]:
-    """A (R, C) fp32 -> (round(127 A / s) int8 (R, C), s (R,) fp32), s = row absmax (zero rows: codes 0)."""
-    s = A.abs().amax(dim=1)
+def _rowwise_int8(A: Tensor, absA: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A (R, C) fp32 -> (round(127 A / s) int8 (R, C), s (R,) fp32), s = row absmax (zero rows: codes 0).
+    absA: |A| where the caller has it already."""
+    s = (A.abs() if absA is None else absA).amax(dim=1)
     mult = 127.0 / torch.where(s == 0, torch.ones_like(s), s)
-    return torch.round(A * mult[:, None]).to(torch.int8), s
+    scaled = A * mult[:, None]
+    return torch.round(scaled, out=scaled).to(torch.int8), s
 
 
 def outlier_columns(x: Tensor, threshold: float) -> Tensor:
@@ -52,7 +54,7 @@ def outlier_columns(x: Tensor, threshold: float) -> Tensor:
     Empty when threshold <= 0 or infinite (no decomposition)."""
     if threshold <= 0 or math.isinf(threshold):
         return torch.empty(0, dtype=torch.long, device=x.device)
-    return torch.nonzero((x.abs() >= threshold).any(dim=0)).reshape(-1)
+    return torch.nonzero(x.abs().amax(dim=0) >= threshold).reshape(-1)
 
 
 def int8_quantize_activations(x: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,12 +64,15 @@ def int8_quantize_activations(x: Tensor, threshold: float = 0.0) -> tuple[Tensor
     as in the module docstring (bitsandbytes' int8_vectorwise_quant).
     """
     x = x.float()
-    cols = outlier_columns(x, threshold)
-    if cols.numel():
-        x = torch.where(x.abs() >= threshold, torch.zeros_like(x), x)
-    C, s = _rowwise_int8(x)
-    if cols.numel():
-        C[:, cols] = 0
+    ax = x.abs()                                                      # (T, in), read twice
+    if threshold <= 0 or math.isinf(threshold):
+        return (*_rowwise_int8(x, ax), outlier_columns(x, threshold))
+    cols = torch.nonzero(ax.amax(dim=0) >= threshold).reshape(-1)      # outlier_columns(x, threshold)
+    if not cols.numel():
+        return (*_rowwise_int8(x, ax), cols)
+    out = ax >= threshold
+    C, s = _rowwise_int8(x.masked_fill(out, 0.0), ax.masked_fill_(out, 0.0))
+    C[:, cols] = 0
     return C, s, cols
 
 
@@ -96,9 +101,9 @@ def int8_linear(x: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None = None,
     x2 = x.reshape(-1, x.shape[-1]).float()  # (T, in)
     Cx, sx, cols = int8_quantize_activations(x2, threshold)  # (T, in) int8, (T,), (k,)
     acc = int8_matmul(Cx, CB)  # (T, out) int32
-    y = acc.float() * (sx[:, None] * SCB.float()[None, :]) / (127.0 * 127.0)
+    y = (sx[:, None] * SCB.float()[None, :]).mul_(acc).div_(127.0 * 127.0)   # acc * (s_x s_w^T) / 127^2
     if cols.numel():  # outlier features in floating point against the dequantized weight columns
-        y = y + x2[:, cols] @ int8_dequantize_weight(CB[:, cols], SCB).t()
+        y += x2[:, cols] @ int8_dequantize_weight(CB[:, cols], SCB).t()
     if bias is not None:
-        y = y + bias.float()
+        y += bias.float()
     return y.reshape(*lead, CB.shape[0]).to(x.dtype)

@@ -11,6 +11,7 @@ Words are returned as int32 (bit 31 is the sign bit; the bit pattern is what mat
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -88,8 +89,7 @@ def unpack_int32(packed: Tensor, bits: int, n: int | None = None, dim: int = -1)
         raise ValueError(f"unpack_int32 expects int32 words, got {packed.dtype}")
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"cannot unpack {bits}-bit codes: bits must be one of {SUPPORTED_BITS}")
-    w = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
-    m = w.shape[-1]
+    m = packed.shape[dim]
     if n is None:
         if (m * 32) % bits:
             raise ValueError(f"{m} words of {bits}-bit codes do not hold a whole number of codes: pass n")
@@ -97,6 +97,9 @@ def unpack_int32(packed: Tensor, bits: int, n: int | None = None, dim: int = -1)
     if words_needed(n, bits) != m:
         raise ValueError(f"{m} int32 words cannot hold exactly {n} codes of {bits} bits "
                          f"(that takes {words_needed(n, bits)} words)")
+    if 8 % bits == 0 and sys.byteorder == "little":
+        return _unpack_bytes(packed.movedim(dim, -1), bits, n).movedim(-1, dim).contiguous()
+    w = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     nblk = -(-m // bits)
     if nblk * bits != m:
         w = torch.nn.functional.pad(w, (0, nblk * bits - m))
@@ -110,3 +113,41 @@ def unpack_int32(packed: Tensor, bits: int, n: int | None = None, dim: int = -1)
         cols.append(v & mask)
     codes = torch.stack(cols, dim=-1).reshape(*w.shape[:-2], nblk * 32)[..., :n]
     return codes.to(torch.uint8).movedim(-1, dim).contiguous()
+
+
+def _unpack_bytes(words: Tensor, bits: int, n: int) -> Tensor:
+    """unpack_int32 along the last dim for widths that divide 8, on a little-endian host: the words' bytes
+    are the bit stream in order, so each byte holds 8 / bits whole codes, the lowest bits first."""
+    b = words.contiguous().view(torch.uint8)                              # (..., 4 m) bytes
+    if bits == 8:
+        return b[..., :n]
+    mask = (1 << bits) - 1
+    codes = torch.stack([(b >> (bits * i)) & mask for i in range(8 // bits)], dim=-1)
+    return codes.reshape(*b.shape[:-1], -1)[..., :n]
+
+
+def int4pack_cpu_codes(packed: Tensor, n: int, k: int, block_n: int = 64) -> Tensor:
+    """The 4-bit codes (n, k) uint8 held by `aten._convert_weight_to_int4pack_for_cpu(codes (n, k) int32)`,
+    read with bit operations instead of through the kernel.
+
+    The layout (PyTorch 2.x, read off the converter's output for AVX-512, where block_n = 64): the output
+    rows are cut into blocks of block_n, each stored as (k, block_n / 2) bytes whose byte [c, j] holds row j
+    in its low nibble and row j + block_n / 2 in its high nibble; a last, shorter block of r rows is stored
+    as (k, r / 2) bytes holding rows 2j (low) and 2j + 1 (high). The layout is private to the kernel and
+    may differ by CPU capability: callers check the result against the codes they packed.
+    """
+    flat = packed.reshape(-1)
+    full, r = divmod(n, block_n)
+    head, half = full * k * block_n // 2, block_n // 2
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    if full:      # transpose the bytes (half as many as codes), then split the nibbles into whole rows
+        b = flat[:head].view(full, k, half).transpose(1, 2).contiguous()       # (full, half, k)
+        blocks = out[: full * block_n].view(full, block_n, k)
+        torch.bitwise_and(b, 15, out=blocks[:, :half])                          # rows j
+        torch.bitwise_right_shift(b, 4, out=blocks[:, half:])                   # rows j + half
+    if r:
+        t = flat[head:].view(k, r // 2).T.contiguous()                          # (r / 2, k)
+        tail = out[full * block_n:].view(r // 2, 2, k)
+        torch.bitwise_and(t, 15, out=tail[:, 0])                                # rows 2j
+        torch.bitwise_right_shift(t, 4, out=tail[:, 1])                         # rows 2j + 1
+    return out

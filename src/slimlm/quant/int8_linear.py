@@ -4,6 +4,11 @@ Int8Linear stores the row-wise int8 weight CB (out, in) and its row absmaxes SCB
 slimlm.core.llm_int8.int8_linear: int8 x int8 -> int32 products for the ordinary features, floating point for
 the outlier features (|x| >= threshold). Its state_dict is bitsandbytes' Linear8bitLt layout (`weight` int8,
 `SCB` fp32, `weight_format` 0 = row-major), so a saved model also loads in transformers with bitsandbytes.
+
+On a CPU, from INT8_DENSE_ROWS rows of x on (a training batch), the forward is x W_hat^T + b with W_hat = CB *
+SCB / 127 dequantized for the call in x's dtype and a dense matmul, as bitsandbytes' MatMul8bitFp does on CPUs
+in training: weight-only int8, without LLM.int8()'s rounding of x. Under autograd the backward is dL/dx =
+dL/dy W_hat with W_hat dequantized again there (slimlm.quant.frozen); nothing float is kept between the two.
 """
 from __future__ import annotations
 
@@ -11,21 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.core.llm_int8 import int8_dequantize_weight, int8_linear, int8_quantize_weight
+from slimlm.quant.frozen import frozen_matmul
 
-
-class _Int8Grad(torch.autograd.Function):
-    """LLM.int8() product in forward; dL/dx = dL/dy @ W_hat in backward (W_hat = CB * SCB / 127 rebuilt at
-    each call, nothing float is cached), as bitsandbytes' MatMul8bitLt does for a frozen weight. Without it
-    the rounding of x to int8 would cut the gradient to adapters before a frozen int8 layer."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: Int8Linear) -> Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        return int8_linear(x, layer.weight, layer.SCB, layer.bias, layer.threshold)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor):  # type: ignore[override]
-        return gy @ ctx.layer.dequantize_weight(gy.dtype), None
+# Rows of x from which a CPU forward dequantizes W_hat and runs a dense matmul instead of LLM.int8().
+# Measured (bench/qlora_layers.py --clock cpu: one thread; Xeon with AVX-512 VNNI, no AVX512-BF16), forward
+# time over fp32 nn.Linear, LLM.int8() / dense, for 576->576, 576->192, 576->1536, 1536->576: 512 rows
+# 0.71/1.10, 1.31/1.11, 0.67/1.03, 0.82/1.12; 1024 rows 1.03/1.16, 1.73/1.15, 0.98/1.07, 0.88/1.07 (summed
+# 37.6 against 41.1 ms); 2048 rows 1.22/1.12, 2.08/1.08, 1.05/0.97, 1.08/1.06 (91.7 against 84.1 ms). The
+# int8 product (torch._int_mm on VNNI) wins while the passes that round x to int8 stay small; the crossover
+# lies between 1024 and 2048 rows.
+INT8_DENSE_ROWS = 1536
 
 
 class Int8Linear(nn.Module):
@@ -53,10 +53,16 @@ class Int8Linear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return int8_dequantize_weight(self.weight, self.SCB).to(dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:   # frozen weight: the gradient flows to x only
-            return _Int8Grad.apply(x, self)
+    def matmul(self, x: Tensor) -> Tensor:
+        """x (..., in) -> x W_hat^T + b: LLM.int8(), or from INT8_DENSE_ROWS rows on a CPU W_hat dequantized
+        in x's dtype for this call and a dense matmul (see the module docstring)."""
+        if x.device.type == "cpu" and x.numel() >= INT8_DENSE_ROWS * self.in_features:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self.dequantize_weight(x.dtype), bias)
         return int8_linear(x, self.weight, self.SCB, self.bias, self.threshold)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return frozen_matmul(self, x)       # dL/dx = dL/dy @ W_hat, dequantized again in the backward
 
     def bits_per_weight(self) -> float:
         return 8 + 32 / self.in_features

@@ -12,6 +12,10 @@ Resident layouts (chosen from the device and the quantization, re-chosen when th
   our (q - z) * s maps to s' = s, z' = (m - z) * s (both in bf16): the two terms stay small and bf16
   rounding stays at the level of the scale's rounding for every bit width.
   Per-channel (one group of size in_features) runs as kernel groups of 256/128/64/32 sharing one scale.
+  Where the CPU emulates bf16 (no AVX512-BF16/AMX), from INT4_DENSE_ROWS rows of x on the forward instead
+  dequantizes W_hat in x's dtype and runs a dense matmul (the kernel costs ~2x fp32 per row there).
+  The codes are read back with bit operations (core.packing.int4pack_cpu_codes, checked at build against
+  the codes packed; else through the kernel on an identity input, in x in x out multiply-adds).
 - "int8": 8-bit codes stored as int8 (q - 128). Per-channel on CPU runs `aten._weight_int8pack_mm` on bf16
   activations; an asymmetric zero point adds the rank-one term sum_k(x_k) * (128 - z) * s.
   Grouped 8-bit dequantizes then multiplies.
@@ -27,29 +31,45 @@ Resident layouts (chosen from the device and the quantization, re-chosen when th
 - "packed": everything else: int32 words (slimlm.core.packing) unpacked and dequantized in the activation
   dtype at each call, then a dense matmul. Correct everywhere; on a GPU it is the slow fallback.
 
+Under autograd (adapters on a frozen base) the backward is dL/dx = dL/dy @ W_hat, with W_hat dequantized
+again in the backward in dL/dy's dtype (slimlm.quant.frozen): no float weight lives between the two.
+
 state_dict() always holds the portable tensors (GPTQ orientation, true zero points, fp32 scales):
 qweight int32 (in*bits/32, out), scales fp32 (G, out), qzeros int32 (G, out*bits/32), g_idx int32 (in,),
 bias; loading them (also into a module built on the meta device) rebuilds the resident layout.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 from torch import Tensor, nn
 
-from slimlm.core.packing import pack_int32, unpack_int32
-from slimlm.core.quant import QuantResult, default_g_idx, dequantize_grouped, num_groups
+from slimlm.core.packing import int4pack_cpu_codes, pack_int32, unpack_int32
+from slimlm.core.quant import QuantResult, default_g_idx, dequantize_blocks, dequantize_grouped, num_groups
 from slimlm.errors import ConfigError
+from slimlm.hardware import native_bf16
+from slimlm.quant.frozen import frozen_matmul
 
 KERNEL_GROUPS = (256, 128, 64, 32)   # group sizes _weight_int4pack_mm_for_cpu accepts
 INNER_K_TILES = 2
 PORTABLE_KEYS = ("qweight", "scales", "qzeros", "g_idx")
 _STORAGE = ("packed", "scale", "zero", "g_idx", "perm", "kernel_scales", "kernel_corr")
 _UNIT_ROWS = 512                      # identity rows per kernel call when reading int4 codes back
+CPU_INT4_BLOCKS = (64, 32)            # row blocks of the CPU int4 layout that int4pack_cpu_codes can read
+# Rows of x (tokens) from which the "int4" layout on a CPU runs its forward as W_hat dequantized in x's dtype
+# and a dense matmul instead of the int4 kernel (bf16 activations), keyed by whether the CPU multiplies
+# bf16 natively (slimlm.hardware). None: the kernel at every size. See _kernel_rows for the figures.
+INT4_DENSE_ROWS = {True: None, False: 128}
 _CUDA_INT4 = {"verified": None}       # the GPU int4 layout: None = not tried yet, True = checked, False = off
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _cpu_native_bf16() -> bool:
+    return native_bf16("cpu")
 
 
 def _int4_mm(device: torch.device):
@@ -79,24 +99,6 @@ def _check_shape(in_features: int, out_features: int, bits: int, group_size: int
                               "leave this layer unquantized")
 
 
-class _DequantGrad(torch.autograd.Function):
-    """Kernel product in forward; dL/dx = dL/dy @ W_hat in backward (for adapters on a frozen base).
-
-    W_hat is rebuilt at each backward (nothing float is cached); on the int4 layout that is one kernel
-    call over an identity input, (in x in x out) multiply-adds.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        return layer._matmul(x)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor):  # type: ignore[override]
-        w = ctx.layer.dequantize_weight().to(gy.dtype)
-        return gy @ w, None
-
-
 class QuantLinear(nn.Module):
     """Weight-only quantized replacement for nn.Linear (see the module docstring for layouts)."""
 
@@ -109,6 +111,7 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.act_order, self.method = act_order, method
         self.layout, self.kernel_group = "packed", 0
+        self.kernel_block, self.plain_groups = 0, True
         G, K, N = num_groups(in_features, group_size), in_features, out_features
         kw = dict(device=device)
         self.register_buffer("packed", torch.zeros(N, K * bits // 32, dtype=torch.int32, **kw), False)
@@ -183,7 +186,8 @@ class QuantLinear(nn.Module):
         self.zero = zero.to(dev).round().to(torch.uint8).contiguous()
         self.g_idx = g_idx.to(dev, torch.int32).contiguous()
         self.perm = self.kernel_scales = self.kernel_corr = None
-        self.kernel_group = 0
+        self.kernel_group = self.kernel_block = 0
+        self.plain_groups = torch.equal(self.g_idx, default_g_idx(self.in_features, self.group_size, dev))
         plan = self._int4_plan(self.g_idx, dev) if kernels else None
         if plan is not None and self._build_int4(codes, *plan):
             return
@@ -209,6 +213,9 @@ class QuantLinear(nn.Module):
                 return self._cuda_int4_off(f"the conversion failed ({str(e).strip().splitlines()[0][:160]})")
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.contiguous(), INNER_K_TILES)
+            N, K = c.shape     # read the codes back with bit operations where that gives exactly these codes
+            self.kernel_block = next((b for b in CPU_INT4_BLOCKS
+                                      if torch.equal(int4pack_cpu_codes(packed, N, K, b), c.to(torch.uint8))), 0)
         self.layout, self.kernel_group, self.perm, self.packed = "int4", kg, perm, packed
         g = self.g_idx if perm is None else self.g_idx[perm]
         gk = g[::kg].long()                                              # group of each kernel group
@@ -252,19 +259,25 @@ class QuantLinear(nn.Module):
         return self._int4_codes()
 
     def _int4_codes(self) -> Tensor:
-        """Read the int4 kernel layout back through the kernel itself: with s' = 1, z' = 8 it returns
-        w = c exactly, so an identity input yields the stored codes whatever the kernel's private layout."""
+        """The codes of the int4 layout: with bit operations where _build_int4 found a layout
+        int4pack_cpu_codes reads exactly (about 1 ms for 576 x 1536), else through the kernel itself: with
+        s' = 1, z' = 8 it returns w = c exactly, so an identity input yields the stored codes whatever the
+        kernel's private layout (in x in x out multiply-adds: 1536 x 1536 x 576 takes ~50 ms)."""
         K, N, kg, dev = self.in_features, self.out_features, self.kernel_group, self.packed.device
-        unit = torch.ones(K // kg, N, 2, dtype=torch.bfloat16, device=dev)
-        unit[..., 1] = 8.0
-        rows, mm = [], _int4_mm(dev)
-        for start in range(0, K, _UNIT_ROWS):
-            n = min(_UNIT_ROWS, K - start)
-            eye = torch.zeros(n, K, dtype=torch.bfloat16, device=dev)
-            eye[torch.arange(n, device=dev), torch.arange(start, start + n, device=dev)] = 1.0
-            rows.append(mm(eye, self.packed, kg, unit))
         mid = 1 << (self.bits - 1)
-        c = (torch.cat(rows).T - (8 - mid)).to(torch.uint8)             # (N, K), permuted columns
+        if self.kernel_block:
+            c = int4pack_cpu_codes(self.packed, N, K, self.kernel_block)
+            c = c if mid == 8 else c - (8 - mid)
+        else:
+            unit = torch.ones(K // kg, N, 2, dtype=torch.bfloat16, device=dev)
+            unit[..., 1] = 8.0
+            rows, mm = [], _int4_mm(dev)
+            for start in range(0, K, _UNIT_ROWS):
+                n = min(_UNIT_ROWS, K - start)
+                eye = torch.zeros(n, K, dtype=torch.bfloat16, device=dev)
+                eye[torch.arange(n, device=dev), torch.arange(start, start + n, device=dev)] = 1.0
+                rows.append(mm(eye, self.packed, kg, unit))
+            c = (torch.cat(rows).T - (8 - mid)).to(torch.uint8)         # (N, K), permuted columns
         if self.perm is None:
             return c.contiguous()
         out = torch.empty_like(c)
@@ -273,6 +286,8 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """W_hat (out, in) = (q - z[g_idx]) * s[g_idx] from the stored codes (exact in fp32)."""
+        if self.plain_groups:
+            return dequantize_blocks(self.codes(), self.scale, self.zero).to(dtype)
         return dequantize_grouped(self.codes(), self.scale, self.zero.float(), self.g_idx).to(dtype)
 
     def portable_tensors(self) -> dict[str, Tensor]:
@@ -344,10 +359,32 @@ class QuantLinear(nn.Module):
         return self
 
     # ----------------------------------------------------------------- compute
-    def _matmul(self, x: Tensor) -> Tensor:
+    def _kernel_rows(self, rows: int, device: torch.device) -> bool:
+        """Whether the int4 layout runs x (rows, in) through the int4 kernel (else dequantize + dense matmul).
+
+        Measured (bench/qlora_layers.py --clock cpu: one thread) on a Xeon with AVX-512 VNNI but no
+        AVX512-BF16, where PyTorch emulates bf16; forward time over fp32 nn.Linear, kernel / dense, 4-bit g64,
+        for 576->576, 576->192, 576->1536, 1536->576: 1 row 1.40/12.0, 2.18/13.4, 0.54/10.6, 0.60/9.0;
+        64 rows 2.00/2.27, 2.29/2.68, 1.74/2.27, 1.69/2.53 (summed 4.98 against 6.59 ms); 128 rows
+        2.33/1.78, 2.47/2.03, 1.80/1.85, 1.88/1.89 (10.9 against 10.5 ms); 256 rows 2.27/1.51, 2.37/1.57,
+        1.89/1.32, 1.98/1.50; 2048 rows 1.92/1.05, 2.18/1.20, 2.02/1.03, 2.10/1.04. The kernel costs ~2x
+        fp32 per row from 32 rows on; the dense path costs fp32 plus one dequantization (~1.4 ms for
+        576 x 1536 weights), so they cross at 128 rows. With native bf16 the kernel beat fp32 at 512 rows
+        (MEASURED.md: 3.6 ms against 7.4 ms for 576 -> 1536), so it runs at every size there; on a GPU it
+        always runs.
+        """
+        if device.type != "cpu":
+            return True
+        limit = INT4_DENSE_ROWS[_cpu_native_bf16()]
+        return limit is None or rows < limit
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x (..., in) @ W_hat^T (..., out) by the resident layout's path for this many rows (no bias)."""
         K, N = self.in_features, self.out_features
         x2 = x.reshape(-1, K)
-        if self.layout == "int4":
+        if self.layout == "int4" and not self._kernel_rows(x2.shape[0], x2.device):
+            y = x2 @ self.dequantize_weight(x.dtype).T
+        elif self.layout == "int4":
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
             y = _int4_mm(x2.device)(
@@ -362,10 +399,7 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = _DequantGrad.apply(x, self)
-        else:
-            y = self._matmul(x)
+        y = frozen_matmul(self, x)          # dL/dx = dL/dy @ W_hat, dequantized again in the backward
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def storage_bytes(self) -> int:

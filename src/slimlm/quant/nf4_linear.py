@@ -2,14 +2,18 @@
 
 NF4Linear holds what bitsandbytes' Linear4bit holds (packed 4-bit codes, block absmaxes, the double-quant
 state; slimlm.core.nf4) and computes y = x W_hat^T + b by dequantizing W_hat in the activation dtype at each
-call. Its state_dict is bitsandbytes' own layout (`weight` packed (n/2, 1) uint8, `weight.absmax`,
-`weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__nf4`), so a saved model loads in
-transformers with bitsandbytes as well as in slimlm (slimlm.formats.bnb).
+call (one table lookup per packed byte; about 1 ms for 576 x 1536 weights), then a dense matmul: there is no
+other path (no CPU kernel multiplies NF4 codes), so at every size the cost over fp32 is that dequantization.
+Under autograd the backward is dL/dx only, with W_hat dequantized again there (slimlm.quant.frozen): no float
+weight is kept between the forward and the backward.
+
+Its state_dict is bitsandbytes' own layout (`weight` packed (n/2, 1) uint8, `weight.absmax`, `weight.quant_map`,
+`weight.nested_*`, `weight.quant_state.bitsandbytes__nf4`), so a saved model loads in transformers with
+bitsandbytes as well as in slimlm (slimlm.formats.bnb).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimlm.core.nf4 import (
@@ -20,6 +24,7 @@ from slimlm.core.nf4 import (
     quantize_4bit,
     to_bnb_state_dict,
 )
+from slimlm.quant.frozen import frozen_matmul
 
 
 class NF4Linear(nn.Module):
@@ -69,9 +74,13 @@ class NF4Linear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_4bit(self.nf4_weight(), dtype)
 
+    def matmul(self, x: Tensor) -> Tensor:
+        """x (..., in) @ W_hat^T (..., out), W_hat dequantized in x's dtype for this call (no bias)."""
+        return x @ self.dequantize_weight(x.dtype).T
+
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+        y = frozen_matmul(self, x)          # dL/dx = dL/dy @ W_hat, dequantized again in the backward
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def bits_per_weight(self) -> float:
         return bits_per_param(self.nf4_weight())

@@ -190,6 +190,7 @@ def test_nf4_linear(rows, double_quant):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("dense", [False, True])
 def test_int8_linear(rows, dense, monkeypatch):
+    """LLM.int8() below INT8_DENSE_ROWS (and in inference), weight-only int8 from there in training."""
     monkeypatch.setattr(I8, "INT8_DENSE_ROWS", 1 if dense else 10**9)
     W, b = weight()
     m = Int8Linear.from_weight(W, b)
@@ -197,6 +198,8 @@ def test_int8_linear(rows, dense, monkeypatch):
     x, y, gx, gy, saved = run(m, rows)
     if dense:                                   # weight-only int8: fp32 dequantize + matmul
         torch.testing.assert_close(y, ref(x), rtol=1e-6, atol=1e-6)
+        with torch.no_grad():                   # inference stays LLM.int8() at every size
+            assert torch.equal(m(x), int8_linear(x, m.weight, m.SCB, m.bias, m.threshold))
     else:      # LLM.int8(): x rounded per row to int8 (half a step, s_x / 254, per entry) against W_hat
         assert torch.equal(y, int8_linear(x, m.weight, m.SCB, m.bias, m.threshold))
         bound = (x.abs().amax(1, keepdim=True) / 254) * ref.weight.abs().sum(1)

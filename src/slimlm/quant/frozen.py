@@ -18,17 +18,17 @@ class FrozenBaseGrad(torch.autograd.Function):
     at most a constant bias); dL/dx = dL/dy @ layer.dequantize_weight(dL/dy's dtype) in backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: nn.Module) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, layer: nn.Module, kw: dict) -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return layer.matmul(x)
+        return layer.matmul(x, **kw)
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]
-        return gy @ ctx.layer.dequantize_weight(gy.dtype), None
+        return gy @ ctx.layer.dequantize_weight(gy.dtype), None, None
 
 
-def frozen_matmul(layer: nn.Module, x: Tensor) -> Tensor:
-    """layer.matmul(x), differentiable in x where autograd needs it."""
+def frozen_matmul(layer: nn.Module, x: Tensor, **kw) -> Tensor:
+    """layer.matmul(x, **kw), differentiable in x where autograd needs it."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return FrozenBaseGrad.apply(x, layer)
-    return layer.matmul(x)
+        return FrozenBaseGrad.apply(x, layer, kw)
+    return layer.matmul(x, **kw)

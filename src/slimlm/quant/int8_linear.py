@@ -5,10 +5,12 @@ slimlm.core.llm_int8.int8_linear: int8 x int8 -> int32 products for the ordinary
 the outlier features (|x| >= threshold). Its state_dict is bitsandbytes' Linear8bitLt layout (`weight` int8,
 `SCB` fp32, `weight_format` 0 = row-major), so a saved model also loads in transformers with bitsandbytes.
 
-On a CPU, from INT8_DENSE_ROWS rows of x on (a training batch), the forward is x W_hat^T + b with W_hat = CB *
-SCB / 127 dequantized for the call in x's dtype and a dense matmul, as bitsandbytes' MatMul8bitFp does on CPUs
-in training: weight-only int8, without LLM.int8()'s rounding of x. Under autograd the backward is dL/dx =
-dL/dy W_hat with W_hat dequantized again there (slimlm.quant.frozen); nothing float is kept between the two.
+In training (autograd on) on a CPU, from INT8_DENSE_ROWS rows of x on, the forward is x W_hat^T + b with
+W_hat = CB * SCB / 127 dequantized for the call in x's dtype and a dense matmul, as bitsandbytes' MatMul8bitFp
+does on CPUs in training: weight-only int8, without LLM.int8()'s rounding of x. Inference (no_grad, as in
+evaluation) stays LLM.int8() at every size, so the method's figures keep their meaning. Under autograd the
+backward is dL/dx = dL/dy W_hat with W_hat dequantized again there (slimlm.quant.frozen); nothing float is
+kept between the two.
 """
 from __future__ import annotations
 
@@ -53,16 +55,18 @@ class Int8Linear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return int8_dequantize_weight(self.weight, self.SCB).to(dtype)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        """x (..., in) -> x W_hat^T + b: LLM.int8(), or from INT8_DENSE_ROWS rows on a CPU W_hat dequantized
-        in x's dtype for this call and a dense matmul (see the module docstring)."""
-        if x.device.type == "cpu" and x.numel() >= INT8_DENSE_ROWS * self.in_features:
+    def matmul(self, x: Tensor, dense: bool = False) -> Tensor:
+        """x (..., in) -> x W_hat^T + b: LLM.int8(), or with `dense` W_hat dequantized in x's dtype for this
+        call and a dense matmul (weight-only int8)."""
+        if dense:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.nn.functional.linear(x, self.dequantize_weight(x.dtype), bias)
         return int8_linear(x, self.weight, self.SCB, self.bias, self.threshold)
 
     def forward(self, x: Tensor) -> Tensor:
-        return frozen_matmul(self, x)       # dL/dx = dL/dy @ W_hat, dequantized again in the backward
+        dense = (torch.is_grad_enabled() and x.device.type == "cpu"          # training on a CPU, large batch
+                 and x.numel() >= INT8_DENSE_ROWS * self.in_features)
+        return frozen_matmul(self, x, dense=dense)   # dL/dx = dL/dy @ W_hat, dequantized again in backward
 
     def bits_per_weight(self) -> float:
         return 8 + 32 / self.in_features

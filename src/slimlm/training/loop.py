@@ -114,6 +114,9 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     if not params:
         raise SlimlmError("the method left no parameter to train")
     device = _device(model)
+    if device.type == "cpu":
+        from ..hardware import release_large_frees
+        release_large_frees()
     opt = make_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     loss_fn = plan.loss or (lambda m, b: lm_loss(m, b, cfg.loss_chunk))
     state = _Run(output, run, dist)

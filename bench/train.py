@@ -1,0 +1,313 @@
+"""The training benchmark of ../shared/BENCHMARKS.md ("Training, adaptation and distillation"), slimlm beside
+PEFT + transformers (bench/peer_peft.py in its own venv, bench/setup_peft_peer.sh), one results file:
+bench/results/training.json.
+
+    python bench/train.py prepare                 # batches, evaluation windows and quantized/pruned bases
+    python bench/train.py time [--repeats 3]      # short runs, slimlm and the peer alternating: step time, peak
+    python bench/train.py quality [--only ...]    # one run at the budget per case: loss curve, perplexity
+    python bench/train.py table
+
+Data: the three training novels tokenized whole and joined (Sense and Sensibility, Emma, Mansfield Park);
+windows of 512 tokens at random offsets after seed 0, batch 4 (2,048 tokens a step); the same batches for
+every case and tool (written once to a safetensors file the peer reads). Evaluation: perplexity on the quick
+protocol (32 windows of 512) of both evaluation texts, before and after. Optimizer: AdamW, 10% linear warmup
+then cosine decay, gradient clipping at 1.0, no weight decay, learning rate per method (LR below, chosen on
+the short sweep recorded in bench/RESULTS.md). Every run is a fresh process, so peak RSS is the run's own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol as P  # noqa: E402
+
+WORK = Path(os.environ.get("SLIMLM_BENCH_WORK", Path.home() / ".cache" / "slimlm" / "bench-train"))
+PEER_PY = P.ROOT / "bench" / ".venv-peft" / "bin" / "python"
+TRAIN_TEXTS = ("austen_sensesensibility.txt", "austen_emma.txt", "austen_mansfieldpark.txt")
+BATCH, SEQLEN, STEPS = 4, 512, 200
+R, ALPHA = 16, 32
+LR = {"lora": 5e-4, "full": 5e-5}
+
+# case -> (base folder under WORK or "fp32", slimlm method options, the peer's mode or None)
+CASES = {
+    "lora_qv": ("fp32", {"method": "lora", "targets": "q_proj,v_proj"}, "lora-qv"),
+    "lora_all": ("fp32", {"method": "lora", "targets": "all-linear"}, "lora-all"),
+    "lora_all_ckpt": ("fp32", {"method": "lora", "targets": "all-linear", "checkpointing": True}, None),
+    "qlora_nf4": ("nf4", {"method": "lora", "targets": "all-linear"}, "qlora-nf4"),
+    "qlora_gptq4": ("gptq_w4g64", {"method": "lora", "targets": "all-linear"}, None),
+    "qlora_gptq3": ("gptq_w3g64", {"method": "lora", "targets": "all-linear"}, None),
+    "lora_structured20": ("structured_20", {"method": "lora", "targets": "all-linear"}, None),
+    "full": ("fp32", {"method": "full"}, "full"),
+}
+BASES = {   # folder -> slimlm command that makes it from the default model
+    "nf4": ["quantize", "--method", "nf4"],
+    "gptq_w4g64": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "64"],
+    "gptq_w3g64": ["quantize", "--method", "gptq", "--bits", "3", "--group-size", "64"],
+    "structured_20": ["prune", "--method", "structured", "--ratio", "0.2"],
+}
+
+
+def base_path(base: str) -> str:
+    if base == "fp32":
+        from slimlm.models import embedded_folder
+        return str(embedded_folder(P.MODEL))
+    return str(WORK / base)
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+def prepare(steps: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    import slimlm
+    from slimlm import data as D
+    from slimlm.training import data as TD
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    tok = slimlm.load_tokenizer(P.MODEL)
+    ids = TD.training_text(tok, [P.corpus(t) for t in TRAIN_TEXTS])
+    data = TD.text_windows(ids, seqlen=SEQLEN, batch_size=BATCH, batches=steps, seed=0)
+    batches = [data.batch(i) for i in range(steps)]
+    save_file({"input_ids": torch.stack([b["input_ids"] for b in batches]),
+               "labels": torch.stack([b["labels"] for b in batches])}, str(WORK / "batches.safetensors"))
+    for name, f in P.EVAL_TEXTS.items():
+        win = D.eval_windows(D.tokenize(tok, D.load_text(P.corpus(f))), SEQLEN, P.QUICK_WINDOWS)
+        save_file({"windows": win}, str(WORK / f"eval_{name}.safetensors"))
+    for base, cmd in BASES.items():
+        if (WORK / base / "config.json").is_file():
+            continue
+        full = [sys.executable, "-m", "slimlm", *cmd, "--data", P.corpus(P.CALIB_TEXT), "--samples",
+                str(P.CALIB_SAMPLES), "--seqlen", str(SEQLEN), "--output", str(WORK / base), "--threads", str(P.THREADS)]
+        print("bench:", " ".join(full[2:]), flush=True)
+        subprocess.run(full, check=True)
+    print(f"bench: {steps} batches of {BATCH} x {SEQLEN} and the bases are in {WORK}", flush=True)
+
+
+class FileBatches:
+    """TrainData over the prepared batches file (what the peer reads too)."""
+
+    def __init__(self, path: Path, steps: int) -> None:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        self.ids, self.labels, self.steps = t["input_ids"][:steps], t["labels"][:steps], steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batch(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+    def describe(self) -> dict:
+        return {"kind": "bench batches", "steps": self.steps, "batch": BATCH, "seqlen": SEQLEN}
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | None, lr: float | None = None) -> dict:
+    """In this process: one slimlm run of `case` (its schedule `steps` long, `run_steps` of it run)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import slimlm
+    from slimlm import metrics as M
+    from slimlm.configs import build_config
+    from slimlm.registry import get
+
+    torch.set_num_threads(P.THREADS)
+    base, opts, _ = CASES[case]
+    opts = dict(opts)
+    method = get("train", opts.pop("method"))
+    train_opts = {k: opts.pop(k) for k in list(opts) if k in ("checkpointing",)}
+    if method.name == "lora":
+        opts.update(r=R, alpha=ALPHA)
+    config = build_config(method.config_cls, opts, method.name)
+    lr = lr or LR["full" if method.name == "full" else "lora"]
+    cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=BATCH, lr=lr, **train_opts)
+    t0 = time.perf_counter()
+    model = slimlm.load_model(base_path(base))
+    load_s = time.perf_counter() - t0
+    rss_loaded = M.peak_rss_bytes() / 2**20
+    evals = {name: load_file(str(WORK / f"eval_{name}.safetensors"))["windows"] for name in P.EVAL_TEXTS}
+    row: dict = {"case": case, "tool": "slimlm", "base": base, "lr": lr, "steps": steps, "run_steps": run_steps,
+                 "load_s": load_s, "peak_rss_mb_after_load": rss_loaded}
+    if evaluate:
+        row["ppl_before"] = {n: M.score(model, w, progress=False)["perplexity"] for n, w in evals.items()}
+    data = FileBatches(WORK / "batches.safetensors", run_steps)
+    from slimlm import api
+    # a timing run runs the first run_steps batches as a run of its own (the step time does not depend on the
+    # schedule's length)
+    cfg.steps = run_steps
+    report = api.train(model, config, data, cfg, output=Path(out) if out else None, progress=False,
+                       model_ref=base_path(base))
+    row["peak_rss_mb"] = M.peak_rss_bytes() / 2**20
+    if out:
+        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        row["loss"] = [r["loss"] for r in rows]
+        row["step_s"] = [r["seconds"] for r in rows]
+        row["saved_bytes"] = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+        row["trainable_parameters"] = report["trainable_parameters"]
+    if evaluate:
+        row["ppl_after"] = {n: M.score(model, w, progress=False)["perplexity"] for n, w in evals.items()}
+    return row
+
+
+def _child(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench child {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _peer(mode: str, steps: int, run_steps: int, evaluate: bool) -> dict:
+    out = WORK / f"peer_{mode}_{run_steps}.json"
+    cmd = [str(PEER_PY), str(P.ROOT / "bench" / "peer_peft.py"), "--model", base_path("fp32"),
+           "--batches", str(WORK / "batches.safetensors"), "--mode", mode, "--r", str(R), "--alpha", str(ALPHA),
+           "--lr", str(LR["full" if mode == "full" else "lora"]), "--steps", str(steps), "--threads",
+           str(P.THREADS), "--json", str(out), "--gradient-checkpointing", "off"]
+    if run_steps < steps:
+        cmd += ["--time-steps", str(run_steps)]
+    if evaluate:
+        cmd += [f"--eval={WORK / 'eval_persuasion.safetensors'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"peer {mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------------------------------------ suites
+def _load_results() -> dict:
+    path = P.RESULTS / "training.json"
+    return json.loads(path.read_text())["figures"] if path.is_file() else {"time": {}, "quality": {}}
+
+
+def suite_time(only: list[str], repeats: int, run_steps: int, untimed: int) -> None:
+    """Short runs (the 200-step schedule cut after run_steps), slimlm and the peer alternating, `repeats`
+    times; step time is the median over the steps after the first `untimed`, peak RSS the run's."""
+    figures = _load_results()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for case in only:
+        _, _, peer_mode = CASES[case]
+        runs, peers = [], []
+        for _ in range(repeats):
+            r = _child(["one", "--case", case, "--run-steps", str(run_steps), "--no-eval", "--out",
+                        str(WORK / f"time_{case}")])
+            r["step_s_median"] = statistics.median(r["step_s"][untimed:])
+            runs.append(r)
+            if peer_mode:
+                p = _peer(peer_mode, STEPS, run_steps, evaluate=False)
+                p["step_s_median"] = statistics.median(p["train"]["step_s"][untimed:])
+                peers.append(p)
+            print(f"bench: {case} {r['step_s_median']:.2f} s/step, {r['peak_rss_mb']:.0f} MB"
+                  + (f"; peer {peers[-1]['step_s_median']:.2f} s/step, {peers[-1]['memory']['peak_rss_mb']:.0f} MB"
+                     if peer_mode else ""), flush=True)
+        row = {"run": stamp, "cpu": P.machine(), "runs": [{k: r[k] for k in ("step_s_median", "peak_rss_mb",
+                                                                            "trainable_parameters")} for r in runs]}
+        row["step_s"] = statistics.median(r["step_s_median"] for r in runs)
+        row["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
+        row["tokens_per_s"] = BATCH * SEQLEN / row["step_s"]
+        if peers:
+            row["peer"] = {"step_s": statistics.median(p["step_s_median"] for p in peers),
+                           "peak_rss_mb": statistics.median(p["memory"]["peak_rss_mb"] for p in peers),
+                           "runs": [{"step_s_median": p["step_s_median"], "peak_rss_mb": p["memory"]["peak_rss_mb"]}
+                                    for p in peers],
+                           "trainable_parameters": peers[0].get("model", {}).get("trainable_parameters")}
+            row["time_ratio"] = statistics.median(r["step_s_median"] / p["step_s_median"] for r, p in zip(runs, peers))
+            row["peak_ratio"] = statistics.median(r["peak_rss_mb"] / p["memory"]["peak_rss_mb"]
+                                                  for r, p in zip(runs, peers))
+        figures["time"][case] = row
+        P.write_result("training", {"batch": BATCH, "seqlen": SEQLEN, "steps": STEPS, "r": R, "alpha": ALPHA,
+                                    "lr": LR, "run_steps": run_steps, "untimed": untimed}, figures)
+
+
+def suite_quality(only: list[str], steps: int, peer: bool) -> None:
+    figures = _load_results()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for case in only:
+        _, _, peer_mode = CASES[case]
+        r = _child(["one", "--case", case, "--steps", str(steps), "--run-steps", str(steps), "--out",
+                    str(WORK / f"quality_{case}")])
+        r.update(run=stamp, cpu=P.machine())
+        figures["quality"][case] = r
+        print(f"bench: {case} final loss {r['loss'][-1]:.4f}, persuasion {r['ppl_before']['persuasion']:.2f} -> "
+              f"{r['ppl_after']['persuasion']:.2f}", flush=True)
+        if peer and peer_mode:
+            p = _peer(peer_mode, steps, steps, evaluate=True)
+            figures["quality"][f"{case}__peft"] = {"case": case, "tool": "peft", "run": stamp,
+                                                  "loss": p["train"]["loss"], "ppl_before": p["eval"].get("before"),
+                                                  "ppl_after": p["eval"].get("after"), "versions": p.get("versions")}
+        P.write_result("training", {"batch": BATCH, "seqlen": SEQLEN, "steps": steps, "r": R, "alpha": ALPHA,
+                                    "lr": LR}, figures)
+
+
+def suite_sweep(cases: list[str], lrs: dict[str, list[float]], steps: int) -> None:
+    """The learning rate of each method, chosen once: `steps`-step runs (their own schedule) at each rate,
+    judged by the mean training loss of the last quarter of the steps."""
+    figures = _load_results()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for case in cases:
+        kind = "full" if CASES[case][1]["method"] == "full" else "lora"
+        for lr in lrs[kind]:
+            r = _child(["one", "--case", case, "--steps", str(steps), "--run-steps", str(steps), "--no-eval",
+                        "--lr", str(lr), "--out", str(WORK / f"sweep_{case}")])
+            tail = r["loss"][-max(1, steps // 4):]
+            figures.setdefault("sweep", {})[f"{case}@{lr:g}"] = {
+                "case": case, "lr": lr, "steps": steps, "run": stamp, "loss": r["loss"],
+                "tail_loss": statistics.mean(tail)}
+            print(f"bench: sweep {case} lr {lr:g}: last-quarter loss {statistics.mean(tail):.4f}", flush=True)
+            P.write_result("training", {"batch": BATCH, "seqlen": SEQLEN, "steps": STEPS, "r": R, "alpha": ALPHA,
+                                        "lr": LR}, figures)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("prepare")
+    pr.add_argument("--steps", type=int, default=STEPS)
+    t = sub.add_parser("time")
+    t.add_argument("--only", default=",".join(CASES))
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--run-steps", type=int, default=12)
+    t.add_argument("--untimed", type=int, default=2)
+    q = sub.add_parser("quality")
+    q.add_argument("--only", default=",".join(CASES))
+    q.add_argument("--steps", type=int, default=STEPS)
+    q.add_argument("--no-peer", action="store_true")
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--only", default="lora_all,full")
+    sw.add_argument("--steps", type=int, default=40)
+    sw.add_argument("--lora", default="2e-4,5e-4,1e-3")
+    sw.add_argument("--full", default="2e-5,5e-5,1e-4")
+    one = sub.add_parser("one", help="(internal) one slimlm run in this process")
+    one.add_argument("--lr", type=float, default=None)
+    one.add_argument("--case", required=True, choices=sorted(CASES))
+    one.add_argument("--steps", type=int, default=STEPS)
+    one.add_argument("--run-steps", type=int, default=STEPS)
+    one.add_argument("--no-eval", action="store_true")
+    one.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.cmd == "prepare":
+        prepare(a.steps)
+    elif a.cmd == "time":
+        suite_time(a.only.split(","), a.repeats, a.run_steps, a.untimed)
+    elif a.cmd == "quality":
+        suite_quality(a.only.split(","), a.steps, not a.no_peer)
+    elif a.cmd == "sweep":
+        suite_sweep(a.only.split(","), {"lora": [float(x) for x in a.lora.split(",")],
+                                        "full": [float(x) for x in a.full.split(",")]}, a.steps)
+    elif a.cmd == "one":
+        if a.out:
+            import shutil
+            shutil.rmtree(a.out, ignore_errors=True)
+            shutil.rmtree(a.out + ".partial", ignore_errors=True)
+        print(json.dumps(run_one(a.case, a.steps, a.run_steps, not a.no_eval, a.out, a.lr)))
+
+
+if __name__ == "__main__":
+    main()

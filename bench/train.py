@@ -40,6 +40,7 @@ CASES = {
     "lora_qv": ("fp32", {"method": "lora", "targets": "q_proj,v_proj"}, "lora-qv"),
     "lora_all": ("fp32", {"method": "lora", "targets": "all-linear"}, "lora-all"),
     "lora_all_ckpt": ("fp32", {"method": "lora", "targets": "all-linear", "checkpointing": True}, None),
+    "lora_all_lowmem": ("fp32", {"method": "lora", "targets": "all-linear", "release_memory": True}, None),
     "qlora_nf4": ("nf4", {"method": "lora", "targets": "all-linear"}, "qlora-nf4"),
     "qlora_gptq4": ("gptq_w4g64", {"method": "lora", "targets": "all-linear"}, None),
     "qlora_gptq3": ("gptq_w3g64", {"method": "lora", "targets": "all-linear"}, None),
@@ -124,7 +125,7 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
     base, opts, _ = CASES[case]
     opts = dict(opts)
     method = get("train", opts.pop("method"))
-    train_opts = {k: opts.pop(k) for k in list(opts) if k in ("checkpointing",)}
+    train_opts = {k: opts.pop(k) for k in list(opts) if k in ("checkpointing", "release_memory")}
     if method.name == "lora":
         opts.update(r=R, alpha=ALPHA)
     config = build_config(method.config_cls, opts, method.name)

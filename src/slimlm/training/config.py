@@ -43,6 +43,10 @@ class TrainConfig:
     checkpointing: bool = field(default=False, metadata={
         "help": "activation checkpointing: keep each decoder layer's input only and recompute the rest in the "
                 "backward pass (less memory, about a third more time)"})
+    release_memory: bool = field(default=False, metadata={
+        "help": "CPU: return each freed activation to the system at once (a fixed glibc mmap threshold) instead "
+                "of keeping it in a heap that fragments: about half the peak memory, slower steps (every large "
+                "allocation is fresh pages; see bench/RESULTS.md for the measured cost)"})
     loss_chunk: int = field(default=1024, metadata={
         "help": "positions per chunk of the output layer's cross-entropy (the full logits are never held)"})
     bf16: bool | None = field(default=None, metadata={

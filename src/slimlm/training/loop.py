@@ -114,7 +114,7 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     if not params:
         raise SlimlmError("the method left no parameter to train")
     device = _device(model)
-    if device.type == "cpu":
+    if device.type == "cpu" and cfg.release_memory:
         from ..hardware import release_large_frees
         release_large_frees()
     opt = make_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)

@@ -20,7 +20,7 @@ _CONFIGS = {
 }
 
 __all__ = ["__version__", "load_model", "load_tokenizer", "save_model", "evaluate", "quantize", "prune",
-           "export", "train", "merge", "calibration_data", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
+           "export", "train", "merge", "calibration_data", "run_tasks", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
 
 
 
@@ -32,6 +32,9 @@ def __getattr__(name: str):
     if name in ("evaluate", "quantize", "prune", "export", "train", "merge", "calibration_data"):
         from . import api
         return getattr(api, name)
+    if name == "run_tasks":                 # lm-eval's tasks on a model in memory (pip install 'slimlm[eval]')
+        from .lmeval import run_tasks
+        return run_tasks
     for module, names in _CONFIGS.items():
         if name in names:
             import importlib

@@ -156,7 +156,30 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
         row["trainable_parameters"] = report["trainable_parameters"]
     if evaluate:
         row["ppl_after"] = {n: M.score(model, w, progress=False)["perplexity"] for n, w in evals.items()}
+    if evaluate and out and base.startswith("gptq") and method.name == "lora":
+        row["merged"] = merged_figures(base, out, evals)
     return row
+
+
+def merged_figures(base: str, adapter: str, evals: dict) -> dict:
+    """The adapter merged into its packed base, re-quantized by RTN on the stored grid and by GPTQ: the
+    merge's own error against the unmerged model, and the merged model's perplexity on both texts."""
+    import slimlm
+    from slimlm import api
+    from slimlm import metrics as M
+
+    tok = slimlm.load_tokenizer(P.MODEL)
+    calib = api.calibration_data(tok, P.corpus(P.CALIB_TEXT), samples=P.CALIB_SAMPLES, seqlen=SEQLEN)
+    out = {}
+    for how in ("rtn", "gptq"):
+        model = slimlm.load_model(base_path(base))
+        t0 = time.perf_counter()
+        rep = api.merge(model, adapter, requantize=how, calibration=calib if how == "gptq" else None,
+                        eval_data=evals["persuasion"][:8], progress=False)
+        out[how] = {"merge_s": time.perf_counter() - t0, **{k: rep[k] for k in (
+            "merge_kl_divergence", "merge_top1_agreement", "perplexity_unmerged", "perplexity_merged")},
+            "ppl": {n: M.score(model, w, progress=False)["perplexity"] for n, w in evals.items()}}
+    return out
 
 
 def _child(args: list[str]) -> dict:

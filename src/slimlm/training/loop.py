@@ -132,6 +132,7 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
         report["eval_perplexity_before"] = perplexity(model, eval_windows, loss_fn)
     model.train()
     times, losses = [], []
+    reduce_on = device if dist.world > 1 and device.type == "cuda" else torch.device("cpu")   # nccl: GPU tensors
     bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and dist.main), leave=False)
     done = start                                  # optimizer steps completed (and logged)
     try:
@@ -142,13 +143,14 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
                 g["lr"] = lr
             t0 = time.perf_counter()
             micro = [data.batch(step * per_step + k * dist.world + dist.rank) for k in range(cfg.grad_accum)]
-            count = dist.sum_(torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro), dtype=torch.float64))
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            count = dist.sum_(torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro), dtype=torch.float64,
+                                           device=reduce_on))
+            loss_sum = torch.zeros((), dtype=torch.float64, device=reduce_on)
             for b in micro:
                 with autocast():
                     s, _ = loss_fn(model, _to(b, device))
                 (s / count.to(s.device, s.dtype)).backward()
-                loss_sum += s.detach().double().cpu()
+                loss_sum += s.detach().double().to(reduce_on)
             dist.sum_grads_(params)
             grad_norm = (float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm
                          else None)

@@ -34,7 +34,7 @@ from ..errors import Interrupted, SlimlmError
 from . import checkpoint as C
 from .config import TrainConfig
 from .dist import Dist
-from .optim import make_optimizer
+from .optim import is_vector, make_optimizer
 from .plan import Batch, TrainPlan, lm_loss
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     if device.type == "cpu" and cfg.release_memory:
         from ..hardware import release_large_frees
         release_large_frees()
-    opt = make_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    opt = make_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                         no_decay=is_vector)                  # biases, norms (and DoRA's magnitudes): no decay
     loss_fn = plan.loss or (lambda m, b: lm_loss(m, b, cfg.loss_chunk))
     state = _Run(output, run, dist)
     torch.manual_seed(cfg.seed)

@@ -147,12 +147,19 @@ def evaluate(model: nn.Module, tokenizer, data: str = D.DEFAULT_SOURCE, *, windo
 def export(model: nn.Module, tokenizer, output: str | os.PathLike, format: str | None = None, *,
            overwrite: bool = False, **options) -> Path:
     """Write `model` (with its tokenizer, may be None) to the folder `output` in `format`, a name of the format
-    registry (`slimlm export --help` lists them; None: the best-suited one, as save_model). The folder
-    appears only when complete; an existing one is replaced only with overwrite=True."""
+    registry (`slimlm export --help` lists them; None: the best-suited one, as save_model), or to the file
+    `output` for a single-file format (gguf: a name ending with .gguf in an existing folder). The output
+    appears only when complete; an existing one is replaced only with overwrite=True. `options` go to the
+    format's writer (gguf: float_type, accept_requantize, tokenizer_pre)."""
     from . import io, models
 
+    fmt = registry.get_format(format) if format else registry.default_format(model)
+    if fmt.suffix is not None:
+        with io.atomic_file(output, fmt.suffix, overwrite=overwrite) as tmp:
+            models.save_model(model, tokenizer, tmp, format=fmt.name, **options)
+        return Path(output).expanduser()
     with io.atomic_dir(output, overwrite=overwrite) as tmp:
-        models.save_model(model, tokenizer, tmp, format=format, **options)
+        models.save_model(model, tokenizer, tmp, format=fmt.name, **options)
     return Path(output)
 
 

@@ -1,4 +1,4 @@
-"""Output folders that appear only when complete, and safe reading of weight files."""
+"""Output folders and files that appear only when complete, and safe reading of weight files."""
 from __future__ import annotations
 
 import contextlib
@@ -47,6 +47,37 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     os.rename(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(path: str | os.PathLike, suffix: str, overwrite: bool) -> Path:
+    """Fail early (before any work) for a single-file output: it must end with `suffix`, its folder must exist,
+    and an existing file is replaced only with overwrite."""
+    p = Path(path).expanduser()
+    if p.suffix != suffix:
+        raise SlimlmError(f"output {p} must be a file name ending with {suffix}")
+    if not p.parent.is_dir():
+        raise SlimlmError(f"the folder of {p} ({p.parent}) does not exist; create it first")
+    if p.is_dir():
+        raise SlimlmError(f"output {p} is a folder; give a file name ending with {suffix}")
+    if p.exists() and not overwrite:
+        raise SlimlmError(f"output {p} already exists; choose another --output or pass --overwrite")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, suffix: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside `target` (checked by check_output_file); rename it onto the target
+    only if the block completes, remove it otherwise (KeyboardInterrupt and SystemExit included)."""
+    target = check_output_file(target, suffix, overwrite)
+    tmp = target.parent / f".{target.stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}"
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not tmp.is_file():
+        raise SlimlmError(f"the writer left no file for {target}")
+    os.replace(tmp, target)
 
 
 def refuse_pickles(folder: Path) -> None:

@@ -240,7 +240,30 @@ def save_model(model: nn.Module, tokenizer, folder: str | os.PathLike, format: s
         raise ConfigError(f"cannot write this model as {fmt.name}: {why}")
     if fmt.save is None:
         raise SlimlmError(f"{fmt.name} is read-only; write one of: {', '.join(registry.savable_formats())}")
+    check_format_options(fmt, options)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if fmt.suffix is None:
+        folder.mkdir(parents=True, exist_ok=True)
     fmt.save(model, tokenizer, folder, **options)
     return fmt.name
+
+
+def format_options(fmt) -> list[str] | None:
+    """The options a format's writer takes (its keyword parameters after model, tokenizer, path); None when
+    it takes any (**options)."""
+    import inspect
+
+    params = list(inspect.signature(fmt.save).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_format_options(fmt, options: dict) -> None:
+    """ConfigError for an option the format's writer does not take."""
+    known = format_options(fmt)
+    if known is None:
+        return
+    bad = sorted(set(options) - set(known))
+    if bad:
+        raise ConfigError(f"the {fmt.name} format has no option {bad[0]!r}; its options: {', '.join(known) or 'none'}")

@@ -120,7 +120,8 @@ def get(family: str, name: str) -> Method:
 # ------------------------------------------------------------------------------------------------ formats
 # Modules whose import registers formats.
 _FORMAT_MODULES = ("slimlm.formats.native", "slimlm.formats.bnb", "slimlm.formats.gptq",
-                   "slimlm.formats.compressed_tensors", "slimlm.formats.peft", "slimlm.formats.hf")
+                   "slimlm.formats.compressed_tensors", "slimlm.formats.peft", "slimlm.formats.gguf",
+                   "slimlm.formats.hf")
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,16 @@ class Format:
     recognise(path, config) -> bool   whether a folder (config: its config.json as a dict) or a file (config:
                                       None) is in this format
     load(path, **options) -> model    build the model from it (options: dtype, trust_remote_code)
-    save(model, tokenizer, folder, **options)   write the model into an existing, empty folder
+    save(model, tokenizer, folder, **options)   write the model into an existing, empty folder (with a
+                                      suffix: write the single file `folder` names); may return a report dict
     refuses(model) -> str | None      why this format cannot hold the model (None: it can)
     suits(model) -> bool              whether it is a good default for the model (hf: not for a sparse model,
                                       which it would write dense)
     default_rank: formats with a rank are candidates for `save_model` without a format: the candidate with
                   the lowest rank that suits the model and does not refuse it is used
     catch_all: recognised only when no other format recognises the path (plain transformers folders)
+    suffix: the format is one file, not a folder (".gguf"): outputs must end with it, and slimlm.export writes
+            a temporary file beside the target and renames it when complete
     """
     name: str
     help: str
@@ -147,6 +151,7 @@ class Format:
     suits: Callable[[Any], bool] = lambda model: True
     default_rank: int | None = None
     catch_all: bool = False
+    suffix: str | None = None
 
 
 _FORMATS: dict[str, Format] = {}

@@ -6,6 +6,8 @@
     bitsandbytes         transformers' bitsandbytes 4-bit / 8-bit checkpoints (bnb.py)
     gptq, gptq_v2        GPTQ checkpoints (gptq.py)
     compressed-tensors   pack-quantized or sparse-bitmask checkpoints (compressed_tensors.py)
+    gguf                 one GGUF file for llama.cpp (gguf.py: tensors and hyperparameters; gguf_vocab.py:
+                         the tokenizer keys; the blocks themselves in slimlm.core.gguf_blocks)
 
 folder.py holds what they share: reading and writing config, tensors, tokenizer, and building an empty
 skeleton to load weights into.

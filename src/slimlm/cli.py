@@ -139,13 +139,48 @@ def _eval_table(rows: list[tuple[str, dict]]) -> str:
 @click.option("--dtype", default=None, help=DTYPE_HELP)
 @click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
 @click.option("--trust-remote-code", is_flag=True, help="allow a model folder's own Python code to run")
+@click.option("--tasks", default=None,
+              help="run EleutherAI's lm-evaluation-harness on the model instead of the perplexity protocol: lm-eval "
+              "task, group or tag names (comma-separated; the hub's tasks need a connection), task YAML files or "
+              "task folders (needs pip install 'slimlm[eval]')")
+@click.option("--tasks-dir", multiple=True, help="--tasks: a folder of lm-eval task YAMLs to find names in (repeatable)")
+@click.option("--limit", type=float, default=None,
+              help="--tasks: examples per task (below 1: a fraction of each task), as lm-eval's --limit")
+@click.option("--num-fewshot", type=int, default=None,
+              help="--tasks: few-shot examples per prompt (default: each task's own), as lm-eval's --num_fewshot")
+@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp"]),
+              help="what runs the model: slimlm on PyTorch, or llama.cpp (llama-cpp-python) for a .gguf file, fed "
+                   "the same token ids and windows (threads: --threads)")
 def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked_positions, speed, as_json, device, dtype,
-             threads, trust_remote_code):
-    """Perplexity (pseudo-perplexity for a masked LM), agreement with a reference, size and speed of a model."""
+             threads, trust_remote_code, tasks, tasks_dir, limit, num_fewshot, engine):
+    """Perplexity (pseudo-perplexity for a masked LM), agreement with a reference, size and speed of a model;
+    with --tasks, lm-eval's tasks instead (the numbers `lm-eval run --model hf` gives on the same weights)."""
     from . import api, models
 
     _setup(threads)
+    selection = None
+    if tasks is None and (tasks_dir or limit is not None or num_fewshot is not None):
+        raise SlimlmError("--tasks-dir, --limit and --num-fewshot go with --tasks; add --tasks NAME")
+    if tasks is not None:
+        from click.core import ParameterSource
+
+        from . import lmeval
+
+        ctx = click.get_current_context()
+        clash = [f"--{n.replace('_', '-')}" for n in ("data", "field", "windows", "seqlen", "reference",
+                                                        "masked_positions", "speed")
+                 if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
+        if clash:
+            raise SlimlmError(f"{', '.join(clash)} set the perplexity protocol, which --tasks replaces; "
+                              "run it in a separate slimlm eval without --tasks")
+        logging.getLogger("lm_eval").setLevel(logging.INFO if log.isEnabledFor(logging.INFO) else logging.ERROR)
+        selection = lmeval.resolve_tasks(tasks, include_path=list(tasks_dir))
     n = _windows(windows)
+    if engine == "llama.cpp":
+        if selection is not None:
+            raise SlimlmError("--tasks runs with --engine torch only")
+        _eval_llamacpp(model_ref, data, field, n, seqlen, adapter, reference, speed, as_json, device, threads)
+        return
     try:
         positions = None if masked_positions == "all" else int(masked_positions)
     except ValueError:
@@ -161,6 +196,15 @@ def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked
         model.eval()
     load_s = time.perf_counter() - t0
     tok = models.load_tokenizer(model_ref, trust_remote_code=trust_remote_code)
+    if selection is not None:
+        results = lmeval.run_tasks(model, tok, selection, limit=limit, num_fewshot=num_fewshot)
+        if as_json:
+            click.echo(lmeval.to_json({"model": model_ref, **results}))
+        else:
+            shots = ", ".join(f"{t} {n}" for t, n in (results.get("n-shot") or {}).items())
+            click.echo(f"{model_ref} on lm-eval tasks (n-shot: {shots}; limit: {'none' if limit is None else f'{limit:g}'})")
+            click.echo(lmeval.format_table(results))
+        return
     ref = models.load_model(reference, dtype=dtype, device=device, trust_remote_code=trust_remote_code) \
         if reference else None
     res = api.evaluate(model, tok, data, windows=n, seqlen=seqlen, reference=ref, speed=speed,
@@ -174,6 +218,35 @@ def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked
                 "embedded" if "embedding_cosine_mean" in res else "scored")
         click.echo(f"{model_ref} on {data}: {res['windows']} windows x {seqlen} tokens ({res['tokens']} {what})")
         click.echo(_eval_table([(model_ref, res)]))
+
+
+def _eval_llamacpp(model_ref, data, field, windows, seqlen, adapter, reference, speed, as_json, device,
+                   threads) -> None:
+    """`slimlm eval --engine llama.cpp`: a .gguf file through llama.cpp, tokenized by slimlm's tokenizer."""
+    from . import llamacpp, models
+
+    if not str(model_ref).endswith(".gguf"):
+        raise SlimlmError(f"--engine llama.cpp runs a .gguf file, not {model_ref!r} (slimlm export --format gguf "
+                          "writes one)")
+    for flag, value in (("--adapter", adapter), ("--reference", reference)):
+        if value:
+            raise SlimlmError(f"{flag} is not available with --engine llama.cpp")
+    if device != "cpu":
+        raise SlimlmError("--engine llama.cpp runs on the CPU here (--device cpu)")
+    if seqlen < 2:
+        raise SlimlmError(f"--seqlen must be at least 2 (got {seqlen})")
+    llamacpp.require()
+    _, where = models.resolve(model_ref)
+    tok = models.load_tokenizer(model_ref)
+    res = llamacpp.evaluate(where, tok, data, windows=windows, seqlen=seqlen, with_speed=speed, field=field,
+                            threads=threads or int(os.environ.get("SLIMLM_THREADS", "2")))
+    res.update(model=model_ref)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"{model_ref} (llama.cpp) on {data}: {res['windows']} windows x {seqlen} tokens "
+                   f"({res['tokens']} scored)")
+        click.echo(_eval_table([(f"{model_ref} (llama.cpp)", res)]))
 
 
 class _FormatChoice(click.ParamType):
@@ -201,20 +274,41 @@ class _ExportCommand(click.Command):
             formatter.write_dl([(n, f.help) for n, f in registry.formats().items() if f.save is not None])
 
 
+def _options(pairs: tuple[str, ...]) -> dict[str, str]:
+    """--option KEY=VALUE pairs as a dict (the format's writer converts and checks the values)."""
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise SlimlmError(f"--option takes KEY=VALUE, not {p!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
 @cli.command("export", cls=_ExportCommand)
 @click.option("--model", "model_ref", required=True, help="a model slimlm loads (quantized, pruned, or plain)")
 @click.option("--format", "fmt", required=True, type=_FormatChoice(), help="the format to write (listed below)")
-@click.option("--output", required=True, help="output folder (written only when complete)")
-@click.option("--overwrite", is_flag=True, help="replace an existing output folder")
-def export_cmd(model_ref, fmt, output, overwrite):
+@click.option("--output", required=True,
+              help="output folder, or file for a single-file format (gguf: FILE.gguf); written only when complete")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="an option of the format's writer, repeatable (gguf: float_type=f16|f32|bf16|q8_0, "
+                   "accept_requantize=true, tokenizer_pre=NAME)")
+def export_cmd(model_ref, fmt, output, overwrite, options):
     """Write a model in a format other tools load."""
-    from . import api, io, models
+    from . import api, io, models, registry
 
     _setup(None)
-    io.check_output_dir(output, overwrite)
+    opts = _options(options)
+    spec = registry.get_format(fmt)
+    models.check_format_options(spec, opts)
+    if spec.suffix is not None:
+        io.check_output_file(output, spec.suffix, overwrite)
+    else:
+        io.check_output_dir(output, overwrite)
     model = models.load_model(model_ref)
     tok = models.load_tokenizer(model_ref)
-    path = api.export(model, tok, output, fmt, overwrite=overwrite)
+    path = api.export(model, tok, output, fmt, overwrite=overwrite, **opts)
     click.echo(f"exported {model_ref} as {fmt} -> {path}")
 
 

@@ -52,7 +52,7 @@ $(CT_STAMP):
 interop: $(GPTQ_STAMP) $(CT_STAMP)
 
 # llama.cpp (llama-cpp-python, built from source) for tests/test_gguf_llamacpp.py, `slimlm eval --engine llama.cpp`
-# and bench/gguf.py. The build took 22 minutes on the 2 shared (busy) cores here, so `make test` does not build it: those
+# and bench/gguf_export.py. The build took 22 minutes on the 2 shared (busy) cores here, so `make test` does not build it: those
 # tests skip, naming this target, where it is missing.
 LLAMACPP_PIN := llama-cpp-python==0.3.36
 llamacpp: $(STAMP)

@@ -9,7 +9,7 @@ from torch import nn
 from slimlm.core import nf4
 from slimlm.core.llm_int8 import int8_linear
 from slimlm.core.packing import int4pack_cpu_codes
-from slimlm.core.quant import QuantResult, default_g_idx, rtn_quantize
+from slimlm.core.quant import QuantResult, default_g_idx, dequantize_grouped, rtn_quantize
 from slimlm.quant import int8_linear as I8
 from slimlm.quant import linear as QL
 from slimlm.quant.int8_linear import Int8Linear
@@ -167,6 +167,66 @@ def test_int4_threshold_follows_rows_and_cpu(monkeypatch):
     assert m._kernel_rows(15, torch.device("cpu")) and not m._kernel_rows(16, torch.device("cpu"))
     monkeypatch.setattr(QL, "_cpu_native_bf16", lambda: True)
     assert m._kernel_rows(4096, torch.device("cpu"))
+
+
+def test_cpu_path_per_rows_and_hardware(monkeypatch):
+    """The shipped table: with native bf16 the kernel at every size (the behaviour measured there is kept);
+    without it the kernel below INT4_DENSE_ROWS[False] rows, dense from there (a 512-token prompt)."""
+    assert QL.INT4_DENSE_ROWS[True] is None
+    limit = QL.INT4_DENSE_ROWS[False]
+    assert limit is not None and 1 < limit <= 512
+    m, _ = quant_layer()
+    monkeypatch.setattr(QL, "_cpu_native_bf16", lambda: True)
+    assert [m.cpu_path(r) for r in (1, limit - 1, limit, 512, 4096)] == ["kernel"] * 5
+    monkeypatch.setattr(QL, "_cpu_native_bf16", lambda: False)
+    assert [m.cpu_path(r) for r in (1, limit - 1, limit, 512)] == ["kernel", "kernel", "dense", "dense"]
+    assert quant_layer(bits=8, gs=-1)[0].cpu_path(512) == "int8"
+    packed, _ = quant_layer(bits=3)
+    packed._build(packed.codes(), packed.scale, packed.zero, packed.g_idx, kernels=False)
+    assert packed.cpu_path(1) == "packed"
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("act_order,bits,gs", [(False, 4, 32), (True, 4, 32), (True, 3, 32), (False, 4, -1)])
+def test_int4_forward_runs_the_path_it_reports(monkeypatch, native, act_order, bits, gs):
+    """At 512 rows the forward calls the int4 kernel only where cpu_path says "kernel"; the dense path equals
+    x @ W_hat^T up to fp32 summation, the kernel's bf16 activations stay within its usual error."""
+    monkeypatch.setattr(QL, "_cpu_native_bf16", lambda: native)
+    m, W_hat = quant_layer(act_order, bits, gs)
+    assert m.layout == "int4" and (m.perm is not None) == act_order
+    calls = []
+    real = QL._int4_mm
+
+    def spy(device):
+        calls.append(device)
+        return real(device)
+
+    monkeypatch.setattr(QL, "_int4_mm", spy)
+    x = torch.randn(512, K, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = m(x)
+        y1 = m(x[:1])
+    want = reference(m, W_hat)(x)
+    path = m.cpu_path(512)
+    assert path == ("kernel" if native else "dense")
+    assert len(calls) == (2 if path == "kernel" else 1)        # the single row always runs on the kernel
+    if path == "dense":
+        torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert sqnr_db(want, y) > 35
+    assert sqnr_db(want[:1], y1) > 35
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_act_order_dequantization_in_kernel_order_is_exact(bits):
+    """The dense path's weight (kernel column order, group scales broadcast) and dequantize_weight() built
+    from it are bit for bit the per-column gather of dequantize_grouped."""
+    m, W_hat = quant_layer(act_order=True, bits=bits)
+    assert m.layout == "int4" and m.perm is not None
+    slow = dequantize_grouped(m.codes(), m.scale, m.zero.float(), m.g_idx)
+    assert torch.equal(slow, W_hat)
+    assert torch.equal(m._kernel_order_weight(), slow[:, m.perm])
+    assert torch.equal(m.dequantize_weight(), slow)
 
 
 # ---------------------------------------------------------------- NF4Linear

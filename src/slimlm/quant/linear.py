@@ -13,7 +13,8 @@ Resident layouts (chosen from the device and the quantization, re-chosen when th
   rounding stays at the level of the scale's rounding for every bit width.
   Per-channel (one group of size in_features) runs as kernel groups of 256/128/64/32 sharing one scale.
   Where the CPU emulates bf16 (no AVX512-BF16/AMX), from INT4_DENSE_ROWS rows of x on the forward instead
-  dequantizes W_hat in x's dtype and runs a dense matmul (the kernel costs ~2x fp32 per row there).
+  dequantizes W_hat in fp32 (in the kernel's column order, groups contiguous also under act-order) and runs
+  a dense matmul (the kernel costs ~2x fp32 per row there); QuantLinear.cpu_path(rows) names the path.
   The codes are read back with bit operations (core.packing.int4pack_cpu_codes, checked at build against
   the codes packed; else through the kernel on an identity input, in x in x out multiply-adds).
 - "int8": 8-bit codes stored as int8 (q - 128). Per-channel on CPU runs `aten._weight_int8pack_mm` on bf16
@@ -259,8 +260,18 @@ class QuantLinear(nn.Module):
         return self._int4_codes()
 
     def _int4_codes(self) -> Tensor:
-        """The codes of the int4 layout: with bit operations where _build_int4 found a layout
-        int4pack_cpu_codes reads exactly (about 1 ms for 576 x 1536), else through the kernel itself: with
+        """The codes (out, in) uint8 of the int4 layout in the original column order."""
+        c = self._int4_kernel_codes()
+        if self.perm is None:
+            return c
+        out = torch.empty_like(c)
+        out[:, self.perm] = c
+        return out
+
+    def _int4_kernel_codes(self) -> Tensor:
+        """The codes of the int4 layout in the kernel's column order (in[perm] under act-order): with bit
+        operations where _build_int4 found a layout int4pack_cpu_codes reads exactly (about 1 ms for
+        576 x 1536), else through the kernel itself: with
         s' = 1, z' = 8 it returns w = c exactly, so an identity input yields the stored codes whatever the
         kernel's private layout (in x in x out multiply-adds: 1536 x 1536 x 576 takes ~50 ms)."""
         K, N, kg, dev = self.in_features, self.out_features, self.kernel_group, self.packed.device
@@ -278,16 +289,28 @@ class QuantLinear(nn.Module):
                 eye[torch.arange(n, device=dev), torch.arange(start, start + n, device=dev)] = 1.0
                 rows.append(mm(eye, self.packed, kg, unit))
             c = (torch.cat(rows).T - (8 - mid)).to(torch.uint8)         # (N, K), permuted columns
-        if self.perm is None:
-            return c.contiguous()
-        out = torch.empty_like(c)
-        out[:, self.perm] = c
-        return out
+        return c.contiguous()
+
+    def _kernel_order_weight(self) -> Tensor:
+        """W_hat[:, perm] (out, in) fp32 of the int4 layout in the kernel's column order (W_hat without
+        act-order), for the dense forward, bit for bit dequantize_weight()'s columns. In that order the groups
+        are contiguous blocks also under act-order (_int4_plan checked it), so it broadcasts the (out, G)
+        scales (dequantize_blocks) instead of gathering them per column, and it skips putting the codes back
+        in the original order. Measured (one thread, 576 x 1536 and 1536 x 576): ~0.85 ms without act-order
+        (as before); under act-order ~0.85 ms against 9-10 ms for the per-column gather it replaced.
+        (A fused c * s - z * s in one addcmul pass measured slower, 1.3 ms: its scalar broadcast along the
+        innermost dimension does not vectorise.)"""
+        return dequantize_blocks(self._int4_kernel_codes(), self.scale, self.zero)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """W_hat (out, in) = (q - z[g_idx]) * s[g_idx] from the stored codes (exact in fp32)."""
         if self.plain_groups:
             return dequantize_blocks(self.codes(), self.scale, self.zero).to(dtype)
+        if self.layout == "int4":
+            # act-order: contiguous groups in the kernel's column order, then the columns back in place
+            # (index_select: ~0.45 ms for 576 x 1536 on one thread, against 2.4 ms to scatter them)
+            inv = torch.argsort(self.perm)
+            return self._kernel_order_weight().index_select(1, inv).to(dtype)
         return dequantize_grouped(self.codes(), self.scale, self.zero.float(), self.g_idx).to(dtype)
 
     def portable_tensors(self) -> dict[str, Tensor]:
@@ -372,23 +395,51 @@ class QuantLinear(nn.Module):
         576 x 1536 weights), so they cross at 128 rows. With native bf16 the kernel beat fp32 at 512 rows
         (MEASURED.md: 3.6 ms against 7.4 ms for 576 -> 1536), so it runs at every size there; on a GPU it
         always runs.
+
+        Checked again on 2026-12-07 (bench/cpu_runtime.py, bench/RESULTS.md "The 4-bit CPU runtime without
+        native bf16"; Intel Xeon, family 6 model 207, AVX-512 with VNNI, no avx512_bf16/AMX; one thread, CPU
+        time, the four shapes summed, kernel / dense / fp32 in us): 1 row 178 / 2391 / 279; 16 rows 1079 /
+        3140 / 996; 32 rows 2131 / 3917 / 1431; 64 rows 4304 / 4527 / 2246; 128 rows 8446 / 6464 / 4017: the
+        crossing stays between 64 and 128 rows. Measured there and not taken: PyTorch's int4 operators on
+        fp32 activations (`_weight_int4pack_mm_for_cpu`, `quantized.int4mm_packed_weight_cpu`: 1.8 ms for one
+        row of 576 -> 1536 against 0.12 ms in fp32); int8 products on VNNI (`torch._int_mm`, 1.4 ms against
+        6.2 ms for 512 x 576 x 1536), which need one product per group for grouped scales (9 groups: 8.5 ms)
+        or the weight re-rounded per channel with int8 activations (3.5 ms, but 27 dB SQNR against W_hat with
+        one outlier input channel; 43 dB with the activations split in two int8 terms, then 8.2 ms); nibble
+        readers straight into a (in, out) fp32 buffer (0.78 against 0.85 ms to dequantize 576 x 1536). The
+        dense path thus costs the fp32 product plus ~13% for 512 rows, and a 4-bit model's prefill stays
+        below fp32's on such a CPU (about 0.85x at the model level).
         """
         if device.type != "cpu":
             return True
         limit = INT4_DENSE_ROWS[_cpu_native_bf16()]
         return limit is None or rows < limit
 
+    def cpu_path(self, rows: int) -> str:
+        """The path this layer's forward takes on a CPU for x of `rows` rows: "kernel" (int4 kernel, bf16
+        activations) or "dense" (W_hat dequantized in fp32 in the kernel's column order, then a dense matmul)
+        for the int4 layout; "int8" (int8 kernel) or "packed" (dequantize + matmul) for the others."""
+        if self.layout == "int4":
+            return "kernel" if self._kernel_rows(rows, torch.device("cpu")) else "dense"
+        if self.layout == "int8" and self.kernel_scales is not None:
+            return "int8"
+        return "packed"
+
     def matmul(self, x: Tensor) -> Tensor:
         """x (..., in) @ W_hat^T (..., out) by the resident layout's path for this many rows (no bias)."""
         K, N = self.in_features, self.out_features
         x2 = x.reshape(-1, K)
-        if self.layout == "int4" and not self._kernel_rows(x2.shape[0], x2.device):
-            y = x2 @ self.dequantize_weight(x.dtype).T
-        elif self.layout == "int4":
+        if self.layout == "int4":
+            dev = x2.device
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
-            y = _int4_mm(x2.device)(
-                x2.to(torch.bfloat16).contiguous(), self.packed, self.kernel_group, self.kernel_scales)
+            if self._kernel_rows(x2.shape[0], dev):
+                b = self._buffers          # plain dict lookups: ~200 calls per decoded token
+                y = _int4_mm(dev)(x2.to(torch.bfloat16).contiguous(), b["packed"], self.kernel_group,
+                                  b["kernel_scales"])
+            else:
+                w = self._kernel_order_weight()
+                y = x2 @ (w if x.dtype == torch.float32 else w.to(x.dtype)).T
         elif self.layout == "int8" and self.kernel_scales is not None and x.device.type == "cpu":
             xb = x2.to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int8pack_mm(xb, self.packed, self.kernel_scales)
@@ -396,7 +447,9 @@ class QuantLinear(nn.Module):
                 y = y.float() + xb.float().sum(-1, keepdim=True) * self.kernel_corr
         else:
             y = x2 @ self.dequantize_weight(x.dtype).T
-        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
     def forward(self, x: Tensor) -> Tensor:
         y = frozen_matmul(self, x)          # dL/dx = dL/dy @ W_hat, dequantized again in the backward

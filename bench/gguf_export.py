@@ -9,7 +9,8 @@
 2. Each exported with `slimlm export --format gguf` (g64 asymmetric -> Q4_1, g32 symmetric -> Q4_0; the tied
    embedding/output matrix as Q8_0, float_type=q8_0, as llama.cpp's own files store it).
 3. Perplexity on `quick` (persuasion, 32 windows x 512) of the same model run by slimlm and by llama.cpp
-   (the same token ids and windows), and their relative difference.
+   (the same token ids and windows), and their relative difference; greedy continuation (16 tokens after the
+   text's first 32) by both, and how many leading tokens agree.
 4. llama.cpp's own Q4_0 of the fp32 model: the fp32 model exported as an f32 GGUF, quantized by
    llama_model_quantize (llama-cpp-python's binding) to Q4_0 with the token embedding in Q8_0: the same
    types, hence the same bytes, as the exported g32 files.
@@ -40,6 +41,7 @@ CASES = {
     "awq_w4g32_sym": ("awq", ["--bits", "4", "--group-size", "32", "--symmetric", "true"], "Q4_0"),
 }
 FLOAT_TYPE = "q8_0"
+GREEDY_PROMPT, GREEDY_NEW = 32, 16
 
 
 def run(cmd: list[str]) -> float:
@@ -81,6 +83,29 @@ def llamacpp_q4_0(f32_gguf: Path, out: Path) -> None:
         raise RuntimeError(f"llama_model_quantize returned {rc}")
 
 
+def greedy_match(model, path: Path, prompt, new_tokens: int = GREEDY_NEW) -> dict:
+    """Greedy continuation of `prompt` by slimlm's model (full forward per step, no EOS stop) and by llama.cpp
+    on the GGUF: both token lists and the length of their common prefix."""
+    import torch
+
+    from slimlm import llamacpp
+
+    llm = llamacpp.open_model(path, prompt.numel() + new_tokens + 8, P.THREADS, logits_all=False)
+    try:
+        cpp, _, _ = llamacpp.greedy(llm, prompt, new_tokens)
+    finally:
+        llm.close()
+    ids, ref = prompt[None], []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            ref.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    k = next((i for i, (a, b) in enumerate(zip(cpp, ref)) if a != b), new_tokens)
+    return {"greedy_matching_prefix": k, "greedy_new_tokens": new_tokens, "greedy_slimlm": ref,
+            "greedy_llamacpp": cpp}
+
+
 def gguf_types(path: Path) -> dict:
     import gguf
 
@@ -96,6 +121,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for quantized models and GGUF files (default: a temp dir)")
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--speed-runs", type=int, default=3, help="alternating llama.cpp / fp32 decode runs (median)")
+    ap.add_argument("--note", default="", help="recorded in the results' settings (say, what else ran on the CPU)")
     args = ap.parse_args()
 
     import torch
@@ -113,7 +139,16 @@ def main() -> None:
     tok = slimlm.load_tokenizer(P.MODEL)
     ids = D.tokenize(tok, D.load_text(P.corpus(P.EVAL_TEXTS["persuasion"])))
     win = D.eval_windows(ids, P.SEQLEN, P.QUICK_WINDOWS)
-    figures: dict = {"cases": {}}
+    figures: dict = {"cases": {}, "complete": False}
+
+    def save():
+        """Write what is measured so far (`complete` false until the speed runs are in): a run cut short
+        still leaves its figures."""
+        settings = {"cases": {n: CASES[n] for n in cases}, "float_type": FLOAT_TYPE, "windows": P.QUICK_WINDOWS,
+                    "text": P.EVAL_TEXTS["persuasion"], "speed_runs": args.speed_runs, "prompt_tokens": 128,
+                    "new_tokens": 64, "greedy_prompt_tokens": GREEDY_PROMPT, "greedy_new_tokens": GREEDY_NEW,
+                    "llama_cpp_python": _version("llama_cpp_python"), "note": args.note}
+        return P.write_result("gguf", settings, figures)
 
     # the fp32 model: transformers' perplexity, its f32 GGUF in llama.cpp, and llama.cpp's own Q4_0 of it
     fp32 = slimlm.load_model(P.MODEL)
@@ -125,9 +160,11 @@ def main() -> None:
         llamacpp_q4_0(f32_gguf, q4_0)
     figures["fp32"]["llamacpp_ppl_f32_gguf"] = llamacpp.perplexity(f32_gguf, win, P.THREADS)["perplexity"]
     figures["fp32"]["ppl_rel_diff"] = figures["fp32"]["llamacpp_ppl_f32_gguf"] / figures["fp32"]["slimlm_ppl"] - 1
+    figures["fp32"].update(greedy_match(fp32, f32_gguf, ids[:GREEDY_PROMPT]))
     figures["llamacpp_q4_0"] = {"file_bytes": q4_0.stat().st_size, "types": gguf_types(q4_0),
                                 "llamacpp_ppl": llamacpp.perplexity(q4_0, win, P.THREADS)["perplexity"]}
     print(json.dumps(figures, indent=1), flush=True)
+    save()
 
     for name in cases:
         row = quantize(name, work)
@@ -135,8 +172,9 @@ def main() -> None:
         row["export_wall_s"] = export(str(work / name), path)
         model = slimlm.load_model(str(work / name))
         row["slimlm_ppl"] = M.score(model, win, progress=False)["perplexity"]
-        del model
         row["llamacpp_ppl"] = llamacpp.perplexity(path, win, P.THREADS)["perplexity"]
+        row.update(greedy_match(model, path, ids[:GREEDY_PROMPT]))
+        del model
         row["ppl_rel_diff"] = row["llamacpp_ppl"] / row["slimlm_ppl"] - 1
         row["file_bytes"] = path.stat().st_size
         row["types"] = gguf_types(path)
@@ -144,6 +182,7 @@ def main() -> None:
             row["vs_llamacpp_q4_0"] = row["llamacpp_ppl"] - figures["llamacpp_q4_0"]["llamacpp_ppl"]
             row["same_bytes_as_llamacpp_q4_0"] = row["file_bytes"] == figures["llamacpp_q4_0"]["file_bytes"]
         figures["cases"][name] = row
+        save()
         print(name, json.dumps(row, indent=1), flush=True)
 
     # decode speed: llama.cpp on each exported file and on its own Q4_0, against fp32 transformers, alternating
@@ -163,10 +202,8 @@ def main() -> None:
     figures["speed"] = {n: {"decode_tokens_per_s": statistics.median(v), "decode_runs": v,
                             "prefill_tokens_per_s": statistics.median(prefill[n]),
                             "decode_vs_fp32_transformers": statistics.median(v) / base} for n, v in got.items()}
-    settings = {"cases": {n: CASES[n] for n in cases}, "float_type": FLOAT_TYPE, "windows": P.QUICK_WINDOWS,
-                "text": P.EVAL_TEXTS["persuasion"], "speed_runs": args.speed_runs, "prompt_tokens": 128,
-                "new_tokens": 64, "llama_cpp_python": _version("llama_cpp_python")}
-    path = P.write_result("gguf", settings, figures)
+    figures["complete"] = True
+    path = save()
     print(f"wrote {path}")
     print(json.dumps(figures, indent=1))
 

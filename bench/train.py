@@ -33,7 +33,7 @@ PEER_PY = P.ROOT / "bench" / ".venv-peft" / "bin" / "python"
 TRAIN_TEXTS = ("austen_sensesensibility.txt", "austen_emma.txt", "austen_mansfieldpark.txt")
 BATCH, SEQLEN, STEPS = 4, 512, 200
 R, ALPHA = 16, 32
-LR = {"lora": 5e-4, "full": 5e-5}
+LR = {"lora": 1e-3, "full": 5e-5}
 
 # case -> (base folder under WORK or "fp32", slimlm method options, the peer's mode or None)
 CASES = {
@@ -154,6 +154,8 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
         row["step_s"] = [r["seconds"] for r in rows]
         row["saved_bytes"] = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
         row["trainable_parameters"] = report["trainable_parameters"]
+        row["allocator"] = report.get("allocator")
+        row["lr"] = max(r["lr"] for r in rows)  # the schedule's peak as the loop logged it
     if evaluate:
         row["ppl_after"] = {n: M.score(model, w, progress=False)["perplexity"] for n, w in evals.items()}
     if evaluate and out and base.startswith("gptq") and method.name == "lora":
@@ -183,14 +185,20 @@ def merged_figures(base: str, adapter: str, evals: dict) -> dict:
 
 
 def _child(args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    """A slimlm run in a new process, under the allocator `slimlm train` would choose on this machine
+    (hardware.training_allocator_env: tcmalloc where installed, unless SLIMLM_ALLOCATOR=system)."""
+    from slimlm.hardware import training_allocator_env
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env=training_allocator_env())
     if done.returncode != 0:
         raise RuntimeError(f"bench child {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _peer(mode: str, steps: int, run_steps: int, evaluate: bool) -> dict:
-    out = WORK / f"peer_{mode}_{run_steps}.json"
+def _peer(mode: str, steps: int, run_steps: int, evaluate: bool, tcmalloc: bool = False) -> dict:
+    """The PEFT run, on glibc's malloc as a plain `python` process gets it, or with tcmalloc preloaded (to
+    show what the allocator alone does for the peer)."""
+    out = WORK / f"peer_{mode}_{run_steps}{'_tcmalloc' if tcmalloc else ''}.json"
     cmd = [str(PEER_PY), str(P.ROOT / "bench" / "peer_peft.py"), "--model", base_path("fp32"),
            "--batches", str(WORK / "batches.safetensors"), "--mode", mode, "--r", str(R), "--alpha", str(ALPHA),
            "--lr", str(LR["full" if mode == "full" else "lora"]), "--steps", str(steps), "--threads",
@@ -199,7 +207,11 @@ def _peer(mode: str, steps: int, run_steps: int, evaluate: bool) -> dict:
         cmd += ["--time-steps", str(run_steps)]
     if evaluate:
         cmd += [f"--eval={WORK / 'eval_persuasion.safetensors'}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = None
+    if tcmalloc:
+        from slimlm.hardware import find_tcmalloc
+        env = {**os.environ, "LD_PRELOAD": find_tcmalloc() or sys.exit("bench: --peer-tcmalloc: no tcmalloc here")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"peer {mode} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -211,14 +223,14 @@ def _load_results() -> dict:
     return json.loads(path.read_text())["figures"] if path.is_file() else {"time": {}, "quality": {}}
 
 
-def suite_time(only: list[str], repeats: int, run_steps: int, untimed: int) -> None:
+def suite_time(only: list[str], repeats: int, run_steps: int, untimed: int, peer_tcmalloc: bool = False) -> None:
     """Short runs (the 200-step schedule cut after run_steps), slimlm and the peer alternating, `repeats`
     times; step time is the median over the steps after the first `untimed`, peak RSS the run's."""
     figures = _load_results()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for case in only:
         _, _, peer_mode = CASES[case]
-        runs, peers = [], []
+        runs, peers, peers_tc = [], [], []
         for _ in range(repeats):
             r = _child(["one", "--case", case, "--run-steps", str(run_steps), "--no-eval", "--out",
                         str(WORK / f"time_{case}")])
@@ -228,11 +240,16 @@ def suite_time(only: list[str], repeats: int, run_steps: int, untimed: int) -> N
                 p = _peer(peer_mode, STEPS, run_steps, evaluate=False)
                 p["step_s_median"] = statistics.median(p["train"]["step_s"][untimed:])
                 peers.append(p)
+                if peer_tcmalloc:
+                    p = _peer(peer_mode, STEPS, run_steps, evaluate=False, tcmalloc=True)
+                    p["step_s_median"] = statistics.median(p["train"]["step_s"][untimed:])
+                    peers_tc.append(p)
             print(f"bench: {case} {r['step_s_median']:.2f} s/step, {r['peak_rss_mb']:.0f} MB"
                   + (f"; peer {peers[-1]['step_s_median']:.2f} s/step, {peers[-1]['memory']['peak_rss_mb']:.0f} MB"
                      if peer_mode else ""), flush=True)
-        row = {"run": stamp, "cpu": P.machine(), "runs": [{k: r[k] for k in ("step_s_median", "peak_rss_mb",
-                                                                            "trainable_parameters")} for r in runs]}
+        row = {"run": stamp, "cpu": P.machine(), "allocator": runs[0].get("allocator"),
+               "runs": [{k: r.get(k) for k in ("step_s_median", "peak_rss_mb", "trainable_parameters", "allocator")}
+                        for r in runs]}
         row["step_s"] = statistics.median(r["step_s_median"] for r in runs)
         row["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
         row["tokens_per_s"] = BATCH * SEQLEN / row["step_s"]
@@ -245,29 +262,41 @@ def suite_time(only: list[str], repeats: int, run_steps: int, untimed: int) -> N
             row["time_ratio"] = statistics.median(r["step_s_median"] / p["step_s_median"] for r, p in zip(runs, peers))
             row["peak_ratio"] = statistics.median(r["peak_rss_mb"] / p["memory"]["peak_rss_mb"]
                                                   for r, p in zip(runs, peers))
+        if peers_tc:
+            row["peer_tcmalloc"] = {"step_s": statistics.median(p["step_s_median"] for p in peers_tc),
+                                    "peak_rss_mb": statistics.median(p["memory"]["peak_rss_mb"] for p in peers_tc),
+                                    "runs": [{"step_s_median": p["step_s_median"],
+                                              "peak_rss_mb": p["memory"]["peak_rss_mb"]} for p in peers_tc]}
         figures["time"][case] = row
         P.write_result("training", {"batch": BATCH, "seqlen": SEQLEN, "steps": STEPS, "r": R, "alpha": ALPHA,
                                     "lr": LR, "run_steps": run_steps, "untimed": untimed}, figures)
 
 
-def suite_quality(only: list[str], steps: int, peer: bool) -> None:
+def _record(kind: str, key: str, row: dict, settings: dict) -> None:
+    """Add one row to the results file at once (read again first, so rows written meanwhile by another
+    invocation stay, and a run stopped later keeps the rows it finished)."""
     figures = _load_results()
+    figures.setdefault(kind, {})[key] = row
+    P.write_result("training", {"batch": BATCH, "seqlen": SEQLEN, "r": R, "alpha": ALPHA, "lr": LR, **settings},
+                   figures)
+
+
+def suite_quality(only: list[str], steps: int, peer: bool) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for case in only:
         _, _, peer_mode = CASES[case]
         r = _child(["one", "--case", case, "--steps", str(steps), "--run-steps", str(steps), "--out",
                     str(WORK / f"quality_{case}")])
         r.update(run=stamp, cpu=P.machine())
-        figures["quality"][case] = r
+        _record("quality", case, r, {"steps": steps})
         print(f"bench: {case} final loss {r['loss'][-1]:.4f}, persuasion {r['ppl_before']['persuasion']:.2f} -> "
               f"{r['ppl_after']['persuasion']:.2f}", flush=True)
         if peer and peer_mode:
             p = _peer(peer_mode, steps, steps, evaluate=True)
-            figures["quality"][f"{case}__peft"] = {"case": case, "tool": "peft", "run": stamp,
-                                                  "loss": p["train"]["loss"], "ppl_before": p["eval"].get("before"),
-                                                  "ppl_after": p["eval"].get("after"), "versions": p.get("versions")}
-        P.write_result("training", {"batch": BATCH, "seqlen": SEQLEN, "steps": steps, "r": R, "alpha": ALPHA,
-                                    "lr": LR}, figures)
+            _record("quality", f"{case}__peft", {"case": case, "tool": "peft", "run": stamp, "cpu": P.machine(),
+                                                 "loss": p["train"]["loss"], "ppl_before": p["eval"].get("before"),
+                                                 "ppl_after": p["eval"].get("after"), "versions": p.get("versions")},
+                    {"steps": steps})
 
 
 def suite_sweep(cases: list[str], lrs: dict[str, list[float]], steps: int) -> None:
@@ -289,6 +318,125 @@ def suite_sweep(cases: list[str], lrs: dict[str, list[float]], steps: int) -> No
                                         "lr": LR}, figures)
 
 
+def rescore(case: str) -> None:
+    """The quality row of a finished run rebuilt from its output folder (metrics.jsonl, the saved adapter or
+    model) when the invocation that ran it was stopped before recording it: perplexity of the base and of
+    the saved result on both texts, the loss curve from the metrics log. The run's peak RSS is not known."""
+    import torch
+    from safetensors.torch import load_file
+
+    import slimlm
+    from slimlm import metrics as M
+
+    torch.set_num_threads(P.THREADS)
+    out = WORK / f"quality_{case}"
+    if not (out / "metrics.jsonl").is_file():
+        sys.exit(f"bench: {out} holds no finished run")
+    base = CASES[case][0]
+    evals = {name: load_file(str(WORK / f"eval_{name}.safetensors"))["windows"] for name in P.EVAL_TEXTS}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    tensors = [load_file(str(f)) for f in out.glob("*.safetensors")]
+    row = {"case": case, "tool": "slimlm", "base": base, "lr": max(r["lr"] for r in rows), "steps": len(rows),
+           "loss": [r["loss"] for r in rows], "step_s": [r["seconds"] for r in rows],
+           "saved_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+           "trainable_parameters": sum(t.numel() for d in tensors for t in d.values()),
+           "rescored": "rebuilt from the output folder after the run; peak RSS not recorded",
+           "run": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((out / "metrics.jsonl").stat().st_mtime)),
+           "cpu": P.machine()}
+    before = slimlm.load_model(base_path(base))
+    row["ppl_before"] = {n: M.score(before, w, progress=False)["perplexity"] for n, w in evals.items()}
+    del before
+    after = slimlm.load_model(str(out))
+    row["ppl_after"] = {n: M.score(after, w, progress=False)["perplexity"] for n, w in evals.items()}
+    _record("quality", case, row, {"steps": len(rows)})
+    print(f"bench: {case} rescored: persuasion {row['ppl_before']['persuasion']:.2f} -> "
+          f"{row['ppl_after']['persuasion']:.2f}", flush=True)
+
+
+def _time_table(t: dict) -> None:
+    print("| case | trainable | allocator | s/step | tokens/s | peak RSS MB | PEFT s/step | PEFT peak MB | time ratio "
+          "| peak ratio | PEFT + tcmalloc s/step, peak MB | load |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for case, r in t.items():
+        p, ptc = r.get("peer") or {}, r.get("peer_tcmalloc") or {}
+        print(f"| {case} | {r['runs'][0].get('trainable_parameters') or ''} | {r.get('allocator') or 'glibc'} | "
+              f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+              + (f"{p['step_s']:.2f} | {p['peak_rss_mb']:.0f} | {r['time_ratio']:.2f} | {r['peak_ratio']:.2f}"
+                 if p else "| | |")
+              + (f" | {ptc['step_s']:.2f}, {ptc['peak_rss_mb']:.0f}" if ptc else " |")
+              + f" | {r['cpu'].get('loadavg_1_5_15')} |")
+
+
+def table() -> None:
+    """The results file as markdown: the timing rows (slimlm beside PEFT; every `time*` block, the current
+    one and earlier ones kept under their own key) and the quality rows, then each target of the issue
+    computed from the current rows (nothing is computed where a row is missing)."""
+    f = _load_results()
+    t, q = f.get("time", {}), f.get("quality", {})
+    for key in sorted(k for k in f if k.startswith("time") and f[k]):
+        print(f"{key}:\n")
+        _time_table(f[key])
+        print()
+    if q:
+        print("| case | tool | steps | final loss | persuasion before -> after | northangerabbey before -> after |")
+        print("| --- | --- | ---: | ---: | --- | --- |")
+        for case, r in q.items():
+            b, a = r.get("ppl_before") or {}, r.get("ppl_after") or {}
+            cell = [f"{b[n]:.2f} -> {a[n]:.2f}" if n in b and n in a else "" for n in P.EVAL_TEXTS]
+            print(f"| {case} | {r.get('tool', 'slimlm')} | {len(r['loss'])} | {r['loss'][-1]:.4f} | {' | '.join(cell)} |")
+    print()
+    for line in targets(t or f.get("time_glibc_2026-12-07T07:43", {}), q):
+        print("- " + line)
+
+
+def targets(t: dict, q: dict) -> list[str]:
+    """Each target of the training issue as a line, from the rows present."""
+    out = []
+    for case in ("lora_qv", "lora_all"):
+        r = t.get(case)
+        if r and r.get("peer"):
+            out.append(f"{case}: step time {r['time_ratio']:.2f}x PEFT's (target <= 0.9), peak {r['peak_ratio']:.2f}x "
+                       "(target <= 0.8)")
+    for case in ("lora_all_ckpt", "lora_all_lowmem"):
+        if case in t and "lora_all" in t and t["lora_all"].get("peer"):
+            r = t[case]
+            out.append(f"{case}: peak {r['peak_rss_mb'] / t['lora_all']['peer']['peak_rss_mb']:.2f}x PEFT's LoRA "
+                       f"(checkpointing target <= 0.5), step {r['step_s'] / t['lora_all']['step_s']:.2f}x slimlm's LoRA")
+    if "lora_all" in t:
+        for case in ("qlora_nf4", "qlora_gptq4", "qlora_gptq3"):
+            if case in t:
+                r, own = t[case], t["lora_all"]
+                peer = (t.get("qlora_nf4") or {}).get("peer")
+                out.append(f"{case}: peak {r['peak_rss_mb']:.0f} MB against own LoRA {own['peak_rss_mb']:.0f} MB"
+                           + (f" and PEFT QLoRA {peer['peak_rss_mb']:.0f} MB" if peer else "")
+                           + f"; step {r['step_s'] / own['step_s']:.2f}x own LoRA (target <= 1.3)")
+    base = "persuasion"
+
+    def gain(case):
+        r = q.get(case)
+        return None if not r or not r.get("ppl_after") else (r["ppl_before"][base], r["ppl_after"][base])
+    full, lora = gain("full"), gain("lora_all")
+    if full and lora:
+        frac = (lora[0] - lora[1]) / (full[0] - full[1])
+        out.append(f"LoRA all-linear reaches {100 * frac:.0f}% of full fine-tuning's perplexity improvement on "
+                   f"{base} ({lora[0]:.2f} -> {lora[1]:.2f} against {full[0]:.2f} -> {full[1]:.2f}; target >= 80%)")
+    g3 = gain("qlora_gptq3")
+    if g3 and lora:
+        out.append(f"GPTQ 3-bit + QLoRA {g3[1]:.2f} against fp32 + LoRA {lora[1]:.2f}: {100 * (g3[1] / lora[1] - 1):+.1f}% "
+                   "(target within 10%)")
+        merged = (q["qlora_gptq3"].get("merged") or {})
+        for how, m in merged.items():
+            kept = (g3[0] - m["ppl"][base]) / (g3[0] - g3[1])
+            out.append(f"GPTQ 3-bit merged ({how}): {m['ppl'][base]:.2f}, {100 * kept:.0f}% of the recovery kept "
+                       "(target >= 80%)")
+    s = gain("lora_structured20")
+    if s and lora:
+        closed = (s[0] - s[1]) / (s[0] - lora[1]) if s[0] > lora[1] else float("nan")
+        out.append(f"structured 20% + LoRA {s[0]:.2f} -> {s[1]:.2f}: closes {100 * closed:.0f}% of the gap to fp32 + LoRA "
+                   f"{lora[1]:.2f} (target >= 50%)")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -299,6 +447,7 @@ def main() -> None:
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--run-steps", type=int, default=12)
     t.add_argument("--untimed", type=int, default=2)
+    t.add_argument("--peer-tcmalloc", action="store_true", help="also time PEFT with tcmalloc preloaded")
     q = sub.add_parser("quality")
     q.add_argument("--only", default=",".join(CASES))
     q.add_argument("--steps", type=int, default=STEPS)
@@ -308,6 +457,9 @@ def main() -> None:
     sw.add_argument("--steps", type=int, default=40)
     sw.add_argument("--lora", default="2e-4,5e-4,1e-3")
     sw.add_argument("--full", default="2e-5,5e-5,1e-4")
+    sub.add_parser("table")
+    rs = sub.add_parser("rescore", help="record a finished run's quality row from its output folder")
+    rs.add_argument("--case", required=True, choices=sorted(CASES))
     one = sub.add_parser("one", help="(internal) one slimlm run in this process")
     one.add_argument("--lr", type=float, default=None)
     one.add_argument("--case", required=True, choices=sorted(CASES))
@@ -319,12 +471,16 @@ def main() -> None:
     if a.cmd == "prepare":
         prepare(a.steps)
     elif a.cmd == "time":
-        suite_time(a.only.split(","), a.repeats, a.run_steps, a.untimed)
+        suite_time(a.only.split(","), a.repeats, a.run_steps, a.untimed, a.peer_tcmalloc)
     elif a.cmd == "quality":
         suite_quality(a.only.split(","), a.steps, not a.no_peer)
     elif a.cmd == "sweep":
         suite_sweep(a.only.split(","), {"lora": [float(x) for x in a.lora.split(",")],
                                         "full": [float(x) for x in a.full.split(",")]}, a.steps)
+    elif a.cmd == "rescore":
+        rescore(a.case)
+    elif a.cmd == "table":
+        table()
     elif a.cmd == "one":
         if a.out:
             import shutil

@@ -178,3 +178,42 @@ def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
     with pytest.raises(SlimlmError, match="another run .method was 'top', now 'full'"):
         loop(model, plan, data, cfg, output=tmp_path / "o", resume=True, progress=False,
              run={"model": "m", "method": "full", "method_config": {}, "data": None})
+
+
+def test_train_command_reports_the_allocator_it_ran_on(run_dir, tmp_path):
+    """`slimlm train` as a process: SLIMLM_ALLOCATOR=system keeps glibc's malloc; auto re-executes under
+    tcmalloc exactly when this machine has one; the report names what the loop ran on, and the losses agree."""
+    from slimlm.hardware import find_tcmalloc
+    curves = []
+    for choice in ("system", "auto"):
+        out = tmp_path / choice
+        done = subprocess.run(cli_train(run_dir, out, steps=2), env={**ENV, "SLIMLM_ALLOCATOR": choice},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        report = json.loads((out / "train_report.json").read_text())
+        assert report["allocator"] == ("tcmalloc" if choice == "auto" and find_tcmalloc() else "glibc")
+        curves.append(losses(out))
+    assert curves[1] == pytest.approx(curves[0], abs=1e-5)
+    bad = subprocess.run(cli_train(run_dir, tmp_path / "bad", steps=2), env={**ENV, "SLIMLM_ALLOCATOR": "fast"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "slimlm: error: SLIMLM_ALLOCATOR='fast': use auto, tcmalloc or system"]
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_training_allocator_env(tmp_path, monkeypatch):
+    """Which environment a training process is re-executed under (a pure decision; nothing is executed)."""
+    from slimlm import hardware as H
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(H, "allocator_in_use", lambda: "glibc")
+    monkeypatch.setattr(sys, "platform", "linux")
+    env = H.training_allocator_env({"SLIMLM_TCMALLOC": str(lib), "LD_PRELOAD": "/x/other.so"})
+    assert env["LD_PRELOAD"] == f"{lib}:/x/other.so"
+    assert H.training_allocator_env({"SLIMLM_TCMALLOC": str(lib), "SLIMLM_ALLOCATOR": "system"}) is None
+    assert H.training_allocator_env({"SLIMLM_TCMALLOC": str(lib), "LD_PRELOAD": str(lib)}) is None  # no loop
+    assert H.training_allocator_env({"SLIMLM_TCMALLOC": str(tmp_path / "none.so")}) is None
+    with pytest.raises(SlimlmError, match="apt install libtcmalloc-minimal4"):
+        H.training_allocator_env({"SLIMLM_TCMALLOC": str(tmp_path / "none.so"), "SLIMLM_ALLOCATOR": "tcmalloc"})
+    monkeypatch.setattr(H, "allocator_in_use", lambda: "tcmalloc")
+    assert H.training_allocator_env({"SLIMLM_TCMALLOC": str(lib)}) is None

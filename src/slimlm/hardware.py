@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -70,3 +72,67 @@ def release_large_frees(threshold: int = 128 * 1024) -> bool:
         return bool(libc.mallopt(-3, threshold))      # M_MMAP_THRESHOLD; fixing it also stops the dynamic raise
     except (OSError, AttributeError):
         return False
+
+
+# ------------------------------------------------------------------------------------------------ allocator
+# Directories searched for tcmalloc besides the loader's own search (Debian/Ubuntu multiarch, Fedora, /usr/local).
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+_TCMALLOC = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+
+
+def allocator_in_use() -> str:
+    """'tcmalloc', 'jemalloc' or 'glibc': the malloc this process runs on, read from its memory map
+    (/proc/self/maps; 'unknown' where there is none)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc"
+
+
+def find_tcmalloc(environ: dict[str, str] | None = None) -> str | None:
+    """The path of a tcmalloc shared library on this machine (Debian/Ubuntu: `apt install
+    libtcmalloc-minimal4`; Fedora: gperftools-libs), or None. SLIMLM_TCMALLOC names one explicitly."""
+    explicit = (os.environ if environ is None else environ).get("SLIMLM_TCMALLOC")
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    for d in _LIB_DIRS:
+        for name in _TCMALLOC:
+            if (Path(d) / name).is_file():
+                return str(Path(d) / name)
+    return None
+
+
+def training_allocator_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment under which a CPU training process should be started, or None to keep this one.
+
+    Training allocates and frees hundreds of multi-MB activations a step. glibc's malloc keeps the freed
+    ones in a heap that fragments, so the resident set grows to about twice what the step holds; tcmalloc
+    reuses them. Measured on SmolLM2-135M, LoRA on every linear layer, batch 4 x 512, 2-core Xeon without
+    native bf16 (bench/RESULTS.md): glibc 7.5 GB peak RSS, 9.25 s/step; tcmalloc 4.0 GB, 8.75 s/step; glibc with
+    a fixed 128 KB mmap threshold (`release_memory`) 3.9 GB but 15.3 s/step (every activation is fresh pages).
+
+    SLIMLM_ALLOCATOR: 'auto' (default: tcmalloc where one is installed), 'tcmalloc' (an error if none is),
+    'system' (never switch). Linux only; the switch needs a new process (LD_PRELOAD), so the command line
+    re-executes itself once at start; the Python API cannot and only reports what it runs on."""
+    env = dict(os.environ if environ is None else environ)
+    choice = env.get("SLIMLM_ALLOCATOR", "auto").strip().lower()
+    if choice not in ("auto", "tcmalloc", "system"):
+        from .errors import SlimlmError
+        raise SlimlmError(f"SLIMLM_ALLOCATOR={choice!r}: use auto, tcmalloc or system")
+    if choice == "system" or not sys.platform.startswith("linux") or allocator_in_use() != "glibc":
+        return None
+    lib = find_tcmalloc(env)
+    if lib is None:
+        if choice == "tcmalloc":
+            from .errors import SlimlmError
+            raise SlimlmError("SLIMLM_ALLOCATOR=tcmalloc but no tcmalloc library was found: install it "
+                              "(Debian/Ubuntu: apt install libtcmalloc-minimal4) or set SLIMLM_TCMALLOC=PATH")
+        return None
+    if lib in env.get("LD_PRELOAD", ""):
+        return None                                        # preloaded already and still not loaded: give up
+    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    return env

@@ -114,9 +114,16 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     if not params:
         raise SlimlmError("the method left no parameter to train")
     device = _device(model)
-    if device.type == "cpu" and cfg.release_memory:
-        from ..hardware import release_large_frees
-        release_large_frees()
+    allocator = None
+    if device.type == "cpu":
+        from ..hardware import allocator_in_use, release_large_frees
+        allocator = allocator_in_use()
+        if cfg.release_memory:
+            release_large_frees()
+        elif allocator == "glibc" and dist.rank == 0:
+            log.info("training on glibc's malloc: peak memory is about twice what a step holds (freed "
+                     "activations stay in a fragmented heap); `slimlm train` switches to tcmalloc where one is "
+                     "installed, see TrainConfig.release_memory and README.md")
     opt = make_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                          no_decay=is_vector)                  # biases, norms (and DoRA's magnitudes): no decay
     loss_fn = plan.loss or (lambda m, b: lm_loss(m, b, cfg.loss_chunk))
@@ -129,6 +136,8 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     report: dict = {"steps": total, "trainable_parameters": sum(p.numel() for p in params),
                     "processes": dist.world, **plan.info}
+    if allocator:
+        report["allocator"] = allocator + (" (release_memory)" if cfg.release_memory else "")
     if eval_windows is not None and start == 0:
         report["eval_perplexity_before"] = perplexity(model, eval_windows, loss_fn)
     model.train()

@@ -94,14 +94,24 @@ def test_demo_makes_its_output_parent_before_any_work(monkeypatch, tmp_path):
     (["eval", "--device", "tpu"], "--device takes cpu, cuda or cuda:N"),
     (["eval", "--dtype", "float64"], "--dtype takes one of float32, bfloat16, float16"),
     (["quantize", "--method", "rtn", "--device", "cuda:3", "--output", "o"], "PyTorch sees no CUDA GPU"),
+    (["merge", "--model", "m", "--adapter", "a", "--output", "o", "--device", "cuda"], "PyTorch sees no CUDA GPU"),
+    (["merge", "--model", "m", "--adapter", "a", "--output", "o", "--dtype", "int8"], "--dtype takes one of"),
 ])
-def test_device_and_dtype_are_checked_in_one_line(capsys, argv, match):
+def test_device_and_dtype_are_checked_in_one_line(capsys, argv, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     code, _, err = run(capsys, *argv)
     assert code == 2 and match in err and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["eval", "quantize", "prune", "train", "merge", "demo"])
+def test_every_command_that_computes_takes_a_device(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "--device" in out
 
 
 def test_eval_loads_in_the_asked_dtype(capsys, model_dir, text_file):

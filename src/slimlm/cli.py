@@ -332,9 +332,12 @@ def export_cmd(model_ref, fmt, output, overwrite, options):
               help="refuse a merge that adds more KL divergence per token than this")
 @click.option("--force", is_flag=True, help="write the merged model whatever its error")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--device", default="cpu", show_default=True,
+              help=DEVICE_HELP.format(what="where the merge, its re-quantization and its evaluation run"))
+@click.option("--dtype", default=None, help=DTYPE_HELP)
 @click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
 def merge_cmd(model_ref, adapter, output, into, requantize, data, samples, seqlen, eval_data, windows, max_kl,
-              force, overwrite, threads):
+              force, overwrite, device, dtype, threads):
     """Merge a LoRA adapter into its base (quantized bases included) and write the merged model."""
     from . import api, io, models
     from . import data as D
@@ -343,7 +346,8 @@ def merge_cmd(model_ref, adapter, output, into, requantize, data, samples, seqle
     out = io.check_output_dir(output, overwrite)
     if requantize == "gptq" and not data:
         raise SlimlmError("--requantize gptq needs calibration data: add --data SOURCE")
-    model = models.load_model(model_ref)
+    device, dtype = _device(device), _dtype(dtype)
+    model = models.load_model(model_ref, dtype=dtype, device=device)
     tok = models.load_tokenizer(model_ref)
     calib = api.calibration_data(tok, data, samples=samples, seqlen=seqlen) if data else None
     evalw = D.eval_windows(D.tokenize(tok, D.load_text(eval_data)), seqlen, windows) if windows else None

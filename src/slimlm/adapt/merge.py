@@ -133,10 +133,11 @@ def input_hessians(model: nn.Module, windows: Tensor, name: str = "default", bat
         return pre
 
     handles = [w.register_forward_pre_hook(hook(n)) for n, w in layers.items()]
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for x in windows.split(batch_size):
-                model(input_ids=x, use_cache=False)
+                model(input_ids=x.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -252,5 +252,5 @@ def load(folder: Path, dtype: torch.dtype | None = None, **_) -> nn.Module:
 
 register_format(Format(
     "compressed-tensors", "compressed-tensors checkpoint: pack-quantized for a quantized model, sparse-bitmask "
-    "for a pruned one; transformers (with compressed-tensors), vLLM and llm-compressor load it",
+    "for a pruned one; transformers with compressed-tensors loads it (tested)",
     recognise=recognise, load=load, save=save, refuses=refuses))

@@ -136,8 +136,8 @@ def load(folder: Path, dtype: torch.dtype | None = None, **_) -> nn.Module:
 
 
 register_format(Format(
-    "gptq", "GPTQ checkpoint, v1 layout (zero points stored minus one): transformers (optimum + gptqmodel), "
-    "vLLM, GPTQModel load it", recognise=recognise, load=load, save=save, refuses=refuses))
+    "gptq", "GPTQ checkpoint, v1 layout (zero points stored minus one): transformers (optimum + gptqmodel) "
+    "loads it (tested)", recognise=recognise, load=load, save=save, refuses=refuses))
 register_format(Format(
     "gptq_v2", "GPTQ checkpoint, v2 layout (true zero points, any zero point allowed)",
     save=partial(save, checkpoint_format="gptq_v2"), refuses=partial(refuses, checkpoint_format="gptq_v2")))

@@ -140,3 +140,43 @@ def test_merging_into_a_base_without_the_targeted_layers_is_refused(tmp_path, mo
     assert main(["merge", "--model", str(other), "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slimlm: error:") and err.count("\n") == 1 and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("kind", ["int8", "awq"])
+def test_merge_into_int8_and_awq_bases(kind, tmp_path):
+    """The adapter merged into LLM.int8() and AWQ 4-bit layers: the layers keep their kind, the merged model
+    moves toward the adapted one, and the float merge equals the adapter on the dequantized base."""
+    model = tiny_model("llama")
+    if kind == "int8":
+        slimlm.quantize(model, slimlm.Int8Config())
+    else:
+        slimlm.quantize(model, slimlm.AWQConfig(bits=4, group_size=32), data=random_windows(8, 32, seed=4))
+    base_dir = slimlm.export(model, tiny_tokenizer(), tmp_path / kind)
+    adapter, adapted = adapter_on(base_dir, tmp_path)
+    base = slimlm.load_model(str(base_dir))
+    merged = slimlm.load_model(str(base_dir))
+    report = slimlm.merge(merged, adapter, eval_data=random_windows(4, 32, seed=5), progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    assert type(merged.get_submodule(name)) is type(base.get_submodule(name))
+    assert report["adapted_layers"] == 14 and report["merge_kl_divergence"] >= 0
+    assert (logits(merged) - adapted).abs().max() < (logits(base) - adapted).abs().max()
+    copy = slimlm.load_model(str(base_dir))
+    slimlm.merge(copy, adapter, into="float")
+    # the float merge is the adapter on the dequantized base (the adapted model itself differs by the runtime's
+    # own rounding: int8 activations, bf16 kernel inputs)
+    from slimlm.adapt.peft_io import load_peft
+    from slimlm.modules import set_submodule
+    ref = slimlm.load_model(str(base_dir))
+    for n, m in list(ref.named_modules()):
+        if hasattr(m, "dequantize_weight") and not isinstance(m, torch.nn.Linear):
+            W = m.dequantize_weight(torch.float32)
+            if hasattr(m, "input_scale"):                  # AWQ's unfolded scales: y = (x / s) W^T
+                W = W / m.input_scale
+            lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=getattr(m, "bias", None) is not None)
+            with torch.no_grad():
+                lin.weight.copy_(W)
+                if lin.bias is not None:
+                    lin.bias.copy_(m.bias.float())
+            set_submodule(ref, n, lin)
+    load_peft(ref, adapter)
+    torch.testing.assert_close(logits(copy), logits(ref), atol=1e-4, rtol=1e-4)

@@ -3,6 +3,7 @@ two data-parallel processes against one with the doubled batch, the report and t
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -59,7 +60,7 @@ def test_same_run_twice_gives_the_same_losses_and_every_step_is_logged(tmp_path)
     assert all({"loss", "lr", "tokens", "seconds"} <= set(r) for r in rows)
     assert [("eval_perplexity" in r) for r in rows] == [False, True, False, True, True]
     assert rows[-1]["eval_perplexity"] == reports[0]["eval_perplexity_after"]
-    import math  # 10% warmup of 5 steps is none: cosine from the first step
+    # 10% warmup of 5 steps is none: cosine from the first step
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(5)])
     assert not (tmp_path / "a.partial").exists()
 
@@ -217,3 +218,106 @@ def test_training_allocator_env(tmp_path, monkeypatch):
         H.training_allocator_env({"SLIMLM_TCMALLOC": str(tmp_path / "none.so"), "SLIMLM_ALLOCATOR": "tcmalloc"})
     monkeypatch.setattr(H, "allocator_in_use", lambda: "tcmalloc")
     assert H.training_allocator_env({"SLIMLM_TCMALLOC": str(lib)}) is None
+
+
+class _StopAt:
+    """Training data that raises KeyboardInterrupt (as Ctrl-C would) when batch `at` is first asked for."""
+
+    def __init__(self, data, at: int) -> None:
+        self.data, self.at, self.fired = data, at, False
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, i: int):
+        if i == self.at and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        return self.data.batch(i)
+
+    def describe(self) -> dict:
+        return self.data.describe()
+
+
+def test_adamw8bit_state_is_checkpointed_and_resumed_exactly(tmp_path):
+    """bitsandbytes keeps a nested dict of tensors in each parameter's state: the checkpoint holds it, and an
+    interrupted run resumed from it logs the losses of an uninterrupted one."""
+    from slimlm.errors import Interrupted
+    cfg = TrainConfig(steps=6, seqlen=32, batch_size=2, lr=1e-3, optimizer="adamw8bit")
+    api.train(tiny_model("llama"), FullConfig(), windows_data(6, 2), cfg, output=tmp_path / "whole", progress=False)
+    with pytest.raises(Interrupted):
+        api.train(tiny_model("llama"), FullConfig(), _StopAt(windows_data(6, 2), 3), cfg, output=tmp_path / "cut",
+                  progress=False)
+    ck = tmp_path / "cut.partial" / "checkpoint"
+    from safetensors.torch import load_file
+    assert any("/" in k for k in load_file(str(ck / "optimizer.safetensors")))       # the nested quant state
+    assert json.loads((ck / "run.json").read_text())["step"] == 3
+    api.train(tiny_model("llama"), FullConfig(), windows_data(6, 2), cfg, output=tmp_path / "cut", resume=True,
+              progress=False)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_lora_from_the_command_line_is_a_peft_folder_peft_loads(run_dir, tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import slimlm
+    out = tmp_path / "lora"
+    assert main(["train", "--model", str(run_dir), "--method", "lora", "--targets", "all-linear", "--r", "4",
+                 "--dora", "true", "--data", str(run_dir / "text.txt"), "--seqlen", "32", "--batch-size", "2",
+                 "--steps", "3", "--lr", "1e-2", "--output", str(out)]) == 0
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "train_report.json"} <= {
+        f.name for f in out.iterdir()}
+    assert len(losses(out)) == 3
+    ids = random_windows(2, 16, seed=4)
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(run_dir)), str(out)).eval()
+    ours = slimlm.load_model(str(out))                     # an adapter folder loads as base + adapter
+    base = slimlm.load_model(str(run_dir))
+    with torch.no_grad():
+        a, b, c = theirs(input_ids=ids).logits, ours(input_ids=ids).logits, base(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max() > 1e-3                      # the adapter was trained: not the base
+
+
+def test_instruction_jsonl_from_the_command_line(run_dir, tmp_path):
+    rows = [{"prompt": f"Q{i}?", "response": f" A{i}."} for i in range(12)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "inst"
+    assert main(["train", "--model", str(run_dir), "--method", "top", "--layers", "1", "--data", str(data),
+                 "--seqlen", "32", "--batch-size", "2", "--steps", "3", "--lr", "1e-3", "--output", str(out)]) == 0
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["data"]["kind"] != "text windows" and len(losses(out)) == 3
+    assert all(math.isfinite(x) and x > 0 for x in losses(out))   # response tokens were scored
+
+
+def test_activation_checkpointing_recomputes_and_gives_the_same_losses(tmp_path):
+    runs = {}
+    for on in (False, True):
+        model = tiny_model("llama")
+        calls, mlp = [], model.model.layers[0].mlp
+        forward = mlp.forward
+
+        def counted(*a, _forward=forward, _calls=calls, **k):
+            _calls.append(1)
+            return _forward(*a, **k)
+        mlp.forward = counted
+        api.train(model, FullConfig(), windows_data(3, 2), TrainConfig(steps=3, seqlen=32, batch_size=2, lr=1e-3,
+                  checkpointing=on), output=tmp_path / str(on), progress=False)
+        runs[on] = (losses(tmp_path / str(on)), len(calls))
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
+    assert runs[False][1] == 3 and runs[True][1] == 6      # the layer ran again in each backward
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    """SGD (no normalisation of the gradient's scale) with the global norm clipped to 1e-6: every step moves
+    the weights by at most lr * 1e-6 * (1 + momentum + ...), against a far larger move unclipped."""
+    moved = {}
+    for clip in (0.0, 1e-6):
+        model = tiny_model("llama")
+        w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        api.train(model, FullConfig(), windows_data(3, 2), TrainConfig(steps=3, seqlen=32, batch_size=2, lr=0.1,
+                  optimizer="sgd", max_grad_norm=clip, warmup=0), output=tmp_path / str(clip), progress=False)
+        moved[clip] = torch.cat([(p.detach() - w0[n]).flatten() for n, p in model.named_parameters()]).norm().item()
+    assert moved[1e-6] <= 0.1 * 1e-6 * (1 + 2 + 3) * 1.001  # momentum 0.9: at most 1, 1.9, 2.71 steps' worth
+    assert moved[0.0] > 1e3 * moved[1e-6]

@@ -32,25 +32,43 @@ def partial_dir(output: Path) -> Path:
     return output.parent / f"{output.name}.partial"
 
 
+def _split(d: dict, prefix: str, tensors: dict[str, Tensor], seen: set[int]) -> dict:
+    """Move every tensor of `d`, at any depth of nested dicts, into `tensors` under prefix + its path ("/"
+    between levels); return what is left (JSON-able), nested the same way. A tensor whose memory another
+    one already uses (bitsandbytes shares its quantization maps between parameters) is copied: safetensors
+    stores no shared memory."""
+    rest = {}
+    for k, v in d.items():
+        if isinstance(v, Tensor):
+            t = v.detach().contiguous().cpu()
+            ptr = t.untyped_storage().data_ptr()
+            tensors[f"{prefix}{k}"] = t.clone() if ptr in seen else t
+            seen.add(ptr)
+        elif isinstance(v, dict):                # e.g. bitsandbytes' __bnb_optimizer_quant_state__
+            rest[k] = _split(v, f"{prefix}{k}/", tensors, seen)
+        else:
+            rest[k] = v
+    return rest
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """The optimizer's state dict as safetensors (key "PID.NAME", "PID.NAME/SUB" in nested dicts) + JSON."""
     sd = opt.state_dict()
-    tensors, state = {}, {}
-    for pid, st in sd["state"].items():
-        rest = {}
-        for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                rest[k] = v
-        state[str(pid)] = rest
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    state = {str(pid): _split(st, f"{pid}.", tensors, seen) for pid, st in sd["state"].items()}
     return tensors, {"param_groups": sd["param_groups"], "state": state}
 
 
 def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {int(pid): dict(rest) for pid, rest in meta["state"].items()}
+    state: dict[int, dict] = {int(pid): rest for pid, rest in meta["state"].items()}
     for key, t in tensors.items():
         pid, _, name = key.partition(".")
-        state.setdefault(int(pid), {})[name] = t
+        *path, leaf = name.split("/")
+        d = state.setdefault(int(pid), {})
+        for part in path:
+            d = d.setdefault(part, {})
+        d[leaf] = t
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -110,6 +110,23 @@ class FileBatches:
         return {"kind": "bench batches", "steps": self.steps, "batch": BATCH, "seqlen": SEQLEN}
 
 
+class SplitBatches(FileBatches):
+    """The same steps for `parts` data-parallel processes: step s's 4 windows as `parts` micro-batches of
+    4 / parts, in the order the loop asks for them (index parts * s + rank)."""
+
+    def __init__(self, path: Path, steps: int, parts: int) -> None:
+        super().__init__(path, steps)
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return self.steps * self.parts
+
+    def batch(self, i: int) -> dict:
+        s, k = divmod(i, self.parts)
+        n = BATCH // self.parts
+        return {"input_ids": self.ids[s][k * n:(k + 1) * n], "labels": self.labels[s][k * n:(k + 1) * n]}
+
+
 # ------------------------------------------------------------------------------------------------ one run
 def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | None, lr: float | None = None) -> dict:
     """In this process: one slimlm run of `case` (its schedule `steps` long, `run_steps` of it run)."""
@@ -140,7 +157,10 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
                  "load_s": load_s, "peak_rss_mb_after_load": rss_loaded}
     if evaluate:
         row["ppl_before"] = {n: M.score(model, w, progress=False)["perplexity"] for n, w in evals.items()}
-    data = FileBatches(WORK / "batches.safetensors", run_steps)
+    world = int(os.environ.get("WORLD_SIZE", "1"))          # under torchrun: this process's share of each step
+    data = (FileBatches(WORK / "batches.safetensors", run_steps) if world == 1
+            else SplitBatches(WORK / "batches.safetensors", run_steps, world))
+    cfg.batch_size = BATCH // world
     from slimlm import api
     # a timing run runs the first run_steps batches as a run of its own (the step time does not depend on the
     # schedule's length)
@@ -353,6 +373,78 @@ def rescore(case: str) -> None:
           f"{row['ppl_after']['persuasion']:.2f}", flush=True)
 
 
+ALLOCATORS = {  # name -> environment additions for the run's process (None: not on this machine)
+    "glibc": lambda: {"SLIMLM_ALLOCATOR": "system"},
+    "glibc-mmap-128k": lambda: {"SLIMLM_ALLOCATOR": "system", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"},
+    "tcmalloc": lambda: _preload("libtcmalloc_minimal.so.4"),
+    "jemalloc": lambda: _preload("libjemalloc.so.2"),
+}
+
+
+def _preload(name: str) -> dict | None:
+    from slimlm.hardware import _LIB_DIRS
+    lib = next((Path(d) / name for d in _LIB_DIRS if (Path(d) / name).is_file()), None)
+    return {"SLIMLM_ALLOCATOR": "system", "LD_PRELOAD": str(lib)} if lib else None
+
+
+def suite_allocators(only: list[str], run_steps: int, untimed: int) -> None:
+    """The same short slimlm run under each malloc (glibc's default, glibc with a fixed 128 KB mmap
+    threshold as TrainConfig.release_memory sets, tcmalloc, jemalloc with its defaults), one after another:
+    step time (median after `untimed` steps) and peak RSS. What the allocator alone does to a training step."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for case in only:
+        for name, make in ALLOCATORS.items():
+            extra = make()
+            if extra is None:
+                print(f"bench: {name} is not installed here: skipped", flush=True)
+                continue
+            done = subprocess.run([sys.executable, __file__, "one", "--case", case, "--run-steps", str(run_steps),
+                                   "--no-eval", "--out", str(WORK / f"alloc_{case}_{name}")], capture_output=True,
+                                  text=True, env={**os.environ, **extra})
+            if done.returncode != 0:
+                raise RuntimeError(f"bench: {case} under {name} failed:\n{done.stderr[-3000:]}")
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            row = {"run": stamp, "cpu": P.machine(), "env": extra, "allocator": r.get("allocator"),
+                   "step_s": r["step_s"], "step_s_median": statistics.median(r["step_s"][untimed:]),
+                   "peak_rss_mb": r["peak_rss_mb"], "loss": r["loss"]}
+            _record("allocators", f"{case}@{name}", row, {"run_steps": run_steps, "untimed": untimed})
+            print(f"bench: {case} under {name}: {row['step_s_median']:.2f} s/step, {row['peak_rss_mb']:.0f} MB",
+                  flush=True)
+
+
+def suite_dist(case: str, run_steps: int, untimed: int) -> None:
+    """The same steps (4 x 512 windows each) run by one process with the protocol's 2 threads and by 2
+    data-parallel processes (torchrun, gloo) of 1 thread and 2 windows each: losses (equal up to the order
+    of the sums) and tokens/s of both. Peak RSS: rank 0's."""
+    import shutil
+
+    from slimlm.hardware import training_allocator_env
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    one = _child(["one", "--case", case, "--run-steps", str(run_steps), "--no-eval", "--out", str(WORK / "dist_1")])
+    out2 = WORK / "dist_2"
+    shutil.rmtree(out2, ignore_errors=True)
+    shutil.rmtree(str(out2) + ".partial", ignore_errors=True)
+    env = {**(training_allocator_env() or os.environ), "SLIMLM_BENCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           __file__, "one", "--case", case, "--run-steps", str(run_steps), "--no-eval", "--out",
+                           str(out2)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench: 2 processes failed:\n{done.stderr[-3000:]}")
+    two = json.loads(done.stdout.strip().splitlines()[-1])
+    rep2 = json.loads((out2 / "train_report.json").read_text())
+    row = {"run": stamp, "cpu": P.machine(), "case": case}
+    for key, r in (("one_process_2_threads", one), ("two_processes_1_thread", two)):
+        med = statistics.median(r["step_s"][untimed:])
+        row[key] = {"step_s": r["step_s"], "step_s_median": med, "tokens_per_s": BATCH * SEQLEN / med,
+                    "peak_rss_mb_rank0": r["peak_rss_mb"], "loss": r["loss"], "allocator": r.get("allocator")}
+    row["two_processes_1_thread"]["processes"] = rep2.get("processes")
+    row["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(one["loss"], two["loss"]))
+    _record("dist", case, row, {"run_steps": run_steps, "untimed": untimed})
+    print(f"bench: {case}: 1 process {row['one_process_2_threads']['tokens_per_s']:.0f} tokens/s, 2 processes "
+          f"{row['two_processes_1_thread']['tokens_per_s']:.0f} tokens/s, largest loss difference "
+          f"{row['max_abs_loss_diff']:.2e}", flush=True)
+
+
 def _time_table(t: dict) -> None:
     print("| case | trainable | allocator | s/step | tokens/s | peak RSS MB | PEFT s/step | PEFT peak MB | time ratio "
           "| peak ratio | PEFT + tcmalloc s/step, peak MB | load |")
@@ -457,6 +549,14 @@ def main() -> None:
     sw.add_argument("--steps", type=int, default=40)
     sw.add_argument("--lora", default="2e-4,5e-4,1e-3")
     sw.add_argument("--full", default="2e-5,5e-5,1e-4")
+    al = sub.add_parser("allocators", help="one short run under each malloc")
+    al.add_argument("--only", default="lora_all,qlora_nf4")
+    al.add_argument("--run-steps", type=int, default=6)
+    al.add_argument("--untimed", type=int, default=2)
+    di = sub.add_parser("dist", help="one process with 2 threads against 2 data-parallel processes of 1 thread")
+    di.add_argument("--case", default="lora_all", choices=sorted(CASES))
+    di.add_argument("--run-steps", type=int, default=6)
+    di.add_argument("--untimed", type=int, default=2)
     sub.add_parser("table")
     rs = sub.add_parser("rescore", help="record a finished run's quality row from its output folder")
     rs.add_argument("--case", required=True, choices=sorted(CASES))
@@ -477,12 +577,19 @@ def main() -> None:
     elif a.cmd == "sweep":
         suite_sweep(a.only.split(","), {"lora": [float(x) for x in a.lora.split(",")],
                                         "full": [float(x) for x in a.full.split(",")]}, a.steps)
+    elif a.cmd == "allocators":
+        suite_allocators(a.only.split(","), a.run_steps, a.untimed)
     elif a.cmd == "rescore":
         rescore(a.case)
     elif a.cmd == "table":
         table()
+    elif a.cmd == "dist":
+        suite_dist(a.case, a.run_steps, a.untimed)
     elif a.cmd == "one":
-        if a.out:
+        if int(os.environ.get("RANK", "0")):                 # a data-parallel rank other than 0: no row
+            run_one(a.case, a.steps, a.run_steps, not a.no_eval, a.out, a.lr)
+            return
+        if a.out and "WORLD_SIZE" not in os.environ:
             import shutil
             shutil.rmtree(a.out, ignore_errors=True)
             shutil.rmtree(a.out + ".partial", ignore_errors=True)

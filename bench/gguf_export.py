@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--speed-runs", type=int, default=3, help="alternating llama.cpp / fp32 decode runs (median)")
     ap.add_argument("--note", default="", help="recorded in the results' settings (say, what else ran on the CPU)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="keep the figures of bench/results/gguf.json and run only the decode-speed stage on the "
+                         "GGUF files of its cases in --work (a run stopped before it)")
     args = ap.parse_args()
 
     import torch
@@ -129,7 +132,6 @@ def main() -> None:
     import slimlm
     from slimlm import data as D
     from slimlm import llamacpp
-    from slimlm import metrics as M
 
     llamacpp.require()
     torch.set_num_threads(P.THREADS)
@@ -150,10 +152,29 @@ def main() -> None:
                     "llama_cpp_python": _version("llama_cpp_python"), "note": args.note}
         return P.write_result("gguf", settings, figures)
 
-    # the fp32 model: transformers' perplexity, its f32 GGUF in llama.cpp, and llama.cpp's own Q4_0 of it
     fp32 = slimlm.load_model(P.MODEL)
-    figures["fp32"] = {"slimlm_ppl": M.score(fp32, win, progress=False)["perplexity"]}
+    if args.speed_only:
+        figures = json.loads((P.RESULTS / "gguf.json").read_text())["figures"]
+        cases = [n for n in figures["cases"] if (work / f"{n}.gguf").is_file()]
+        figures["speed_only_rerun"] = {"cases": cases, "note": args.note}
+    else:
+        measure(figures, cases, work, fp32, win, ids, save)
+    speed(figures, cases, work, fp32, ids, args.speed_runs)
+    path = save()
+    print(f"wrote {path}")
+    print(json.dumps(figures, indent=1))
+
+
+def measure(figures: dict, cases: list[str], work: Path, fp32, win, ids, save) -> None:
+    """Perplexity in slimlm and in llama.cpp, greedy agreement, file bytes and types: fp32, llama.cpp's own
+    Q4_0, then each case (quantized in `work` unless there already)."""
+    import slimlm
+    from slimlm import llamacpp
+    from slimlm import metrics as M
+
+    # the fp32 model: transformers' perplexity, its f32 GGUF in llama.cpp, and llama.cpp's own Q4_0 of it
     f32_gguf, q4_0 = work / "fp32.f32.gguf", work / "fp32.llamacpp-q4_0.gguf"
+    figures["fp32"] = {"slimlm_ppl": M.score(fp32, win, progress=False)["perplexity"]}
     if not f32_gguf.is_file():
         export(P.MODEL, f32_gguf, "f32")
     if not q4_0.is_file():
@@ -185,12 +206,21 @@ def main() -> None:
         save()
         print(name, json.dumps(row, indent=1), flush=True)
 
+
+def speed(figures: dict, cases: list[str], work: Path, fp32, ids, speed_runs: int) -> None:
+    from slimlm import llamacpp
+    from slimlm import metrics as M
+
+    q4_0 = work / "fp32.llamacpp-q4_0.gguf"
     # decode speed: llama.cpp on each exported file and on its own Q4_0, against fp32 transformers, alternating
     prompt = ids[:128]
     files = {n: work / f"{n}.gguf" for n in cases} | {"llamacpp_q4_0": q4_0}
+    for f in files.values():          # untimed: the first run of a file in a process pages it in (measured
+        llamacpp.speed(f, prompt, new_tokens=8, runs=1, threads=P.THREADS)   # 15-27 against 60-82 tokens/s)
+    M.speed(fp32, prompt, new_tokens=8, runs=1)
     got: dict[str, list[float]] = {n: [] for n in [*files, "fp32_transformers"]}
     prefill: dict[str, list[float]] = {n: [] for n in got}
-    for _ in range(args.speed_runs):
+    for _ in range(speed_runs):
         for n, f in files.items():
             r = llamacpp.speed(f, prompt, new_tokens=64, runs=1, threads=P.THREADS)
             got[n].append(r["decode_tokens_per_s"])
@@ -203,9 +233,6 @@ def main() -> None:
                             "prefill_tokens_per_s": statistics.median(prefill[n]),
                             "decode_vs_fp32_transformers": statistics.median(v) / base} for n, v in got.items()}
     figures["complete"] = True
-    path = save()
-    print(f"wrote {path}")
-    print(json.dumps(figures, indent=1))
 
 
 def _version(pkg: str) -> str | None:

@@ -301,14 +301,19 @@ def _record(kind: str, key: str, row: dict, settings: dict) -> None:
                    figures)
 
 
-def suite_quality(only: list[str], steps: int, peer: bool) -> None:
+def suite_quality(only: list[str], steps: int, peer: bool, peer_only: bool = False) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for case in only:
         _, _, peer_mode = CASES[case]
-        r = _child(["one", "--case", case, "--steps", str(steps), "--run-steps", str(steps), "--out",
-                    str(WORK / f"quality_{case}")])
-        r.update(run=stamp, cpu=P.machine())
-        _record("quality", case, r, {"steps": steps})
+        if peer_only:                       # the peer's row beside a slimlm row recorded earlier
+            r = _load_results().get("quality", {}).get(case)
+            if not r or len(r["loss"]) != steps:
+                sys.exit(f"bench: --peer-only needs a recorded {steps}-step slimlm row for {case}")
+        else:
+            r = _child(["one", "--case", case, "--steps", str(steps), "--run-steps", str(steps), "--out",
+                        str(WORK / f"quality_{case}")])
+            r.update(run=stamp, cpu=P.machine())
+            _record("quality", case, r, {"steps": steps})
         print(f"bench: {case} final loss {r['loss'][-1]:.4f}, persuasion {r['ppl_before']['persuasion']:.2f} -> "
               f"{r['ppl_after']['persuasion']:.2f}", flush=True)
         if peer and peer_mode:
@@ -544,6 +549,7 @@ def main() -> None:
     q.add_argument("--only", default=",".join(CASES))
     q.add_argument("--steps", type=int, default=STEPS)
     q.add_argument("--no-peer", action="store_true")
+    q.add_argument("--peer-only", action="store_true", help="run the peer beside an already recorded slimlm row")
     sw = sub.add_parser("sweep")
     sw.add_argument("--only", default="lora_all,full")
     sw.add_argument("--steps", type=int, default=40)
@@ -573,7 +579,7 @@ def main() -> None:
     elif a.cmd == "time":
         suite_time(a.only.split(","), a.repeats, a.run_steps, a.untimed, a.peer_tcmalloc)
     elif a.cmd == "quality":
-        suite_quality(a.only.split(","), a.steps, not a.no_peer)
+        suite_quality(a.only.split(","), a.steps, not a.no_peer, a.peer_only)
     elif a.cmd == "sweep":
         suite_sweep(a.only.split(","), {"lora": [float(x) for x in a.lora.split(",")],
                                         "full": [float(x) for x in a.full.split(",")]}, a.steps)

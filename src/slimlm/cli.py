@@ -642,7 +642,10 @@ def _switch_allocator(args: list[str]) -> None:
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "slimlm", *args], env)
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "slimlm", *args], env)
+        except OSError as e:                         # cannot re-execute: train on the allocator we have
+            logging.getLogger(__name__).warning("could not switch to tcmalloc (%s); training on glibc's malloc", e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -287,7 +287,7 @@ def test_instruction_jsonl_from_the_command_line(run_dir, tmp_path):
     assert main(["train", "--model", str(run_dir), "--method", "top", "--layers", "1", "--data", str(data),
                  "--seqlen", "32", "--batch-size", "2", "--steps", "3", "--lr", "1e-3", "--output", str(out)]) == 0
     report = json.loads((out / "train_report.json").read_text())
-    assert report["data"]["kind"] != "text windows" and len(losses(out)) == 3
+    assert report["data"]["kind"] == "instruction" and len(losses(out)) == 3
     assert all(math.isfinite(x) and x > 0 for x in losses(out))   # response tokens were scored
 
 

@@ -118,8 +118,11 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     if device.type == "cpu":
         from ..hardware import allocator_in_use, release_large_frees
         allocator = allocator_in_use()
-        if cfg.release_memory:
+        if cfg.release_memory and allocator == "glibc":       # a glibc setting: tcmalloc reuses memory itself
             release_large_frees()
+        elif cfg.release_memory and dist.rank == 0:
+            log.warning("release_memory sets glibc's malloc; this process runs on %s, which it does not change",
+                        allocator)
         elif allocator == "glibc" and dist.rank == 0:
             log.info("training on glibc's malloc: peak memory is about twice what a step holds (freed "
                      "activations stay in a fragmented heap); `slimlm train` switches to tcmalloc where one is "
@@ -137,7 +140,7 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     report: dict = {"steps": total, "trainable_parameters": sum(p.numel() for p in params),
                     "processes": dist.world, **plan.info}
     if allocator:
-        report["allocator"] = allocator + (" (release_memory)" if cfg.release_memory else "")
+        report["allocator"] = allocator + (" (release_memory)" if cfg.release_memory and allocator == "glibc" else "")
     if eval_windows is not None and start == 0:
         report["eval_perplexity_before"] = perplexity(model, eval_windows, loss_fn)
     model.train()

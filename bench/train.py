@@ -301,27 +301,29 @@ def _record(kind: str, key: str, row: dict, settings: dict) -> None:
                    figures)
 
 
-def suite_quality(only: list[str], steps: int, peer: bool, peer_only: bool = False) -> None:
+def suite_quality(only: list[str], steps: int, peer: bool, peer_only: bool = False, kind: str = "quality") -> None:
+    """One run per case at the budget; `kind` is the results file's section (another budget than the main
+    rows' goes in a section of its own, so the targets table never compares runs of different budgets)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for case in only:
         _, _, peer_mode = CASES[case]
         if peer_only:                       # the peer's row beside a slimlm row recorded earlier
-            r = _load_results().get("quality", {}).get(case)
+            r = _load_results().get(kind, {}).get(case)
             if not r or len(r["loss"]) != steps:
                 sys.exit(f"bench: --peer-only needs a recorded {steps}-step slimlm row for {case}")
         else:
             r = _child(["one", "--case", case, "--steps", str(steps), "--run-steps", str(steps), "--out",
-                        str(WORK / f"quality_{case}")])
+                        str(WORK / f"{kind}_{case}")])
             r.update(run=stamp, cpu=P.machine())
-            _record("quality", case, r, {"steps": steps})
+            _record(kind, case, r, {"steps": steps} if kind == "quality" else {})   # rows hold their steps
         print(f"bench: {case} final loss {r['loss'][-1]:.4f}, persuasion {r['ppl_before']['persuasion']:.2f} -> "
               f"{r['ppl_after']['persuasion']:.2f}", flush=True)
         if peer and peer_mode:
             p = _peer(peer_mode, steps, steps, evaluate=True)
-            _record("quality", f"{case}__peft", {"case": case, "tool": "peft", "run": stamp, "cpu": P.machine(),
+            _record(kind, f"{case}__peft", {"case": case, "tool": "peft", "run": stamp, "cpu": P.machine(),
                                                  "loss": p["train"]["loss"], "ppl_before": p["eval"].get("before"),
                                                  "ppl_after": p["eval"].get("after"), "versions": p.get("versions")},
-                    {"steps": steps})
+                    {"steps": steps} if kind == "quality" else {})
 
 
 def suite_sweep(cases: list[str], lrs: dict[str, list[float]], steps: int) -> None:
@@ -550,6 +552,7 @@ def main() -> None:
     q.add_argument("--steps", type=int, default=STEPS)
     q.add_argument("--no-peer", action="store_true")
     q.add_argument("--peer-only", action="store_true", help="run the peer beside an already recorded slimlm row")
+    q.add_argument("--record-as", default="quality", help="the results file's section for these rows")
     sw = sub.add_parser("sweep")
     sw.add_argument("--only", default="lora_all,full")
     sw.add_argument("--steps", type=int, default=40)
@@ -579,7 +582,7 @@ def main() -> None:
     elif a.cmd == "time":
         suite_time(a.only.split(","), a.repeats, a.run_steps, a.untimed, a.peer_tcmalloc)
     elif a.cmd == "quality":
-        suite_quality(a.only.split(","), a.steps, not a.no_peer, a.peer_only)
+        suite_quality(a.only.split(","), a.steps, not a.no_peer, a.peer_only, a.record_as)
     elif a.cmd == "sweep":
         suite_sweep(a.only.split(","), {"lora": [float(x) for x in a.lora.split(",")],
                                         "full": [float(x) for x in a.full.split(",")]}, a.steps)

@@ -184,7 +184,8 @@ def train(model: nn.Module, config: Any, data, train_config: Any = None, *, toke
         model_ref = getattr(model, "slimlm_ref", None)
     dist = Dist.from_env(str(model_device(model)))
     try:
-        plan = method.apply(model, config, TrainContext(tokenizer=tokenizer, model_ref=model_ref, seed=cfg.seed))
+        plan = method.apply(model, config, TrainContext(tokenizer=tokenizer, model_ref=model_ref, seed=cfg.seed,
+                                                       seqlen=cfg.seqlen))
         import dataclasses
         run = {"model": model_ref, "method": method.name, "method_config": dataclasses.asdict(config),
                "data": getattr(data, "describe", lambda: None)()}
@@ -214,6 +215,11 @@ def merge(model: nn.Module, adapter: str | os.PathLike, *, into: str = "base", r
         raise SlimlmError(f"requantize must be one of {', '.join(M.METHODS)} (got {requantize!r})")
     if requantize == "gptq" and calibration is None:
         raise SlimlmError("GPTQ re-quantization needs calibration data: pass calibration= windows (CLI: --data)")
+    from .adapt.loading import adapter_kind
+    kind = adapter_kind(adapter)
+    if kind != "lora":
+        raise SlimlmError(f"{adapter} is a {kind} adapter; only LoRA adapters merge into weights (evaluate the "
+                          "others on their base with --adapter)")
     layers = load_peft(model, adapter)
     report: dict[str, Any] = {"adapter": str(adapter), "adapted_layers": len(layers), "into": into,
                               "requantize": requantize}

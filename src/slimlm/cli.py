@@ -125,7 +125,8 @@ def _eval_table(rows: list[tuple[str, dict]]) -> str:
 @click.option("--field", default="text", show_default=True, help="text field of a .jsonl / column of a .parquet")
 @click.option("--windows", default="32", show_default=True, help="evaluation windows: a number or 'all'")
 @click.option("--seqlen", default=512, show_default=True, type=int, help="tokens per window")
-@click.option("--adapter", default=None, help="a PEFT LoRA adapter folder applied to --model first")
+@click.option("--adapter", default=None, help="an adapter folder applied to --model first: PEFT LoRA/DoRA, prompt "
+              "tuning, P-tuning, prefix tuning (as slimlm train writes them) or slimlm's bottleneck adapters")
 @click.option("--reference", default=None,
               help="a reference model: KL divergence and top-1 agreement for a causal or masked LM (at the masked "
               "positions), cosine of mean-pooled embeddings for an embedding model (which needs one)")
@@ -191,8 +192,8 @@ def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked
     t0 = time.perf_counter()
     model = models.load_model(model_ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if adapter:
-        from .adapt.peft_io import load_peft
-        load_peft(model, adapter)
+        from .adapt.loading import load_adapter
+        load_adapter(model, adapter)
         model.eval()
     load_s = time.perf_counter() - t0
     tok = models.load_tokenizer(model_ref, trust_remote_code=trust_remote_code)

@@ -5,6 +5,10 @@ loop a TrainPlan (slimlm.training.plan).
     top    the top N decoder layers (and the final norm) only
     lora   LoRA / DoRA / rsLoRA adapters (slimlm.adapt.lora) on the chosen linear layers of any base slimlm
            loads, quantized bases included (QLoRA); saved as a PEFT adapter folder (slimlm.adapt.peft_io)
+    prompt, ptuning, prefix, ptuning-v2
+           soft prompts and prefixes (slimlm.adapt.prompts) on a frozen base of any kind; PEFT folders
+    adapter
+           Houlsby / Pfeiffer bottleneck adapters (slimlm.adapt.bottleneck); a slimlm adapter folder
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class TrainContext:
     tokenizer: object = None
     model_ref: str | None = None
     seed: int = 0
+    seqlen: int | None = None
 
 
 @dataclass
@@ -116,3 +121,59 @@ def _final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
         if isinstance(m, nn.Module) and m not in blocks.modules():
             return m
     return None
+
+
+def _prompt_method(name: str, config_cls: type, help: str) -> None:
+    from . import prompts as PR
+
+    @register("train", name, config_cls, needs_data=True, help=help)
+    def prepare(model: nn.Module, config, ctx: TrainContext) -> TrainPlan:
+        if ctx.seqlen is not None:
+            PR.check_fits(model, config.num_virtual_tokens, ctx.seqlen)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        prompt = PR.build(model, name, config, tokenizer=ctx.tokenizer, seed=ctx.seed)
+        rt = PR.install(model, prompt, name)
+        params = {f"prompt.{k}": p for k, p in rt.prompt.named_parameters()}
+
+        def save(model: nn.Module, tokenizer, folder: Path) -> None:
+            PR.save_prompt(model, folder, base_model_ref=ctx.model_ref)
+
+        return TrainPlan(params=params, save=save, info={"method": name, **asdict(config)})
+
+
+def _register_prompts() -> None:
+    from . import prompts as PR
+
+    _prompt_method("prompt", PR.PromptConfig, "prompt tuning: trainable soft-prompt embeddings; a PEFT folder")
+    _prompt_method("ptuning", PR.PTuningConfig, "P-tuning: a soft prompt from an MLP / LSTM prompt encoder; a PEFT "
+                   "folder")
+    _prompt_method("prefix", PR.PrefixConfig, "prefix tuning: keys and values at every layer through an MLP, saved "
+                   "folded; a PEFT folder")
+    _prompt_method("ptuning-v2", PR.PTuningV2Config, "P-tuning v2: deep prompts (keys and values at every layer); "
+                   "a PEFT folder")
+
+
+_register_prompts()
+
+
+def _register_bottleneck() -> None:
+    from . import bottleneck as BN
+
+    @register("train", "adapter", BN.BottleneckConfig, needs_data=True,
+              help="Houlsby / Pfeiffer bottleneck adapters; a slimlm adapter folder")
+    def prepare_adapter(model: nn.Module, config: BN.BottleneckConfig, ctx: TrainContext) -> TrainPlan:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        rt = BN.add_bottleneck(model, config, seed=ctx.seed)
+        params = {f"adapter.{k}": p for k, p in rt.adapters.named_parameters()}
+
+        def save(model: nn.Module, tokenizer, folder: Path) -> None:
+            BN.save_bottleneck(model, folder, base_model_ref=ctx.model_ref)
+
+        return TrainPlan(params=params, save=save, info={"method": "adapter", **asdict(config),
+                                                         "bottleneck_size": rt.config["bottleneck_size"],
+                                                         "adapted_modules": len(rt.handles)})
+
+
+_register_bottleneck()

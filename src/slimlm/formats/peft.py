@@ -1,5 +1,6 @@
-"""A PEFT LoRA/DoRA adapter folder (adapter_config.json + adapter_model.safetensors) as a model reference and
-as the way a model holding adapters is written.
+"""An adapter folder (adapter_config.json + adapter_model.safetensors: PEFT LoRA/DoRA, prompt tuning,
+P-tuning, prefix tuning, or slimlm's bottleneck adapters) as a model reference, and PEFT's LoRA folder as the
+way a model holding LoRA adapters is written.
 
 Loading recognises a folder with adapter_config.json and no config.json: the base it names
 (base_model_name_or_path, any reference slimlm loads) is loaded, then the adapter onto it
@@ -21,7 +22,8 @@ def recognise(path: Path, config: dict | None) -> bool:
 
 
 def load(path: Path, **options) -> nn.Module:
-    from ..adapt.peft_io import load_peft, read_adapter_config
+    from ..adapt.loading import load_adapter
+    from ..adapt.peft_io import read_adapter_config
     from ..models import load_model
 
     base = read_adapter_config(path).get("base_model_name_or_path")
@@ -29,7 +31,7 @@ def load(path: Path, **options) -> nn.Module:
         raise SlimlmError(f"{path} names no base model (base_model_name_or_path); load the base with --model and "
                           f"the adapter with --adapter {path}")
     model = load_model(str(base), **{k: v for k, v in options.items() if k in ("dtype", "trust_remote_code")})
-    load_peft(model, path)
+    load_adapter(model, path)
     return model.eval()
 
 

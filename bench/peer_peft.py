@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MODES = ("lora-qv", "lora-all", "qlora-nf4", "full")
+MODES = ("lora-qv", "lora-all", "qlora-nf4", "full", "prompt", "ptuning", "prefix", "ptuning-v2")
+PROMPT_MODES = ("prompt", "ptuning", "prefix", "ptuning-v2")
 DEFAULT_TARGETS = {"lora-qv": "q_proj,v_proj", "lora-all": "all-linear", "qlora-nf4": "all-linear"}
 
 
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt modes: virtual tokens")
+    p.add_argument("--encoder-hidden-size", type=int, default=None,
+                   help="ptuning, prefix: hidden width of the prompt encoder / prefix MLP (default: the model's)")
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--warmup-frac", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -69,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="write the result here (it is also printed)")
     a = p.parse_args(argv)
-    if a.mode == "full" and a.targets:
+    if (a.mode == "full" or a.mode in PROMPT_MODES) and a.targets:
         p.error("--targets applies to the LoRA modes only")
     if a.steps is not None and a.steps < 1:
         p.error("--steps must be a positive number of steps")
@@ -136,6 +140,20 @@ def build_model(a: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     if a.mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+    elif a.mode in PROMPT_MODES:
+        import peft
+
+        torch.manual_seed(a.seed)
+        n, h = a.num_virtual_tokens, a.encoder_hidden_size or model.config.hidden_size
+        cfg = {"prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                                         prompt_tuning_init="SAMPLE_VOCAB"),
+               "ptuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                                           encoder_hidden_size=h),
+               "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                                         prefix_projection=True, encoder_hidden_size=h),
+               "ptuning-v2": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)}[a.mode]()
+        model = peft.get_peft_model(model, cfg)
+        info["prompt"] = {"num_virtual_tokens": n, "encoder_hidden_size": h, "peft_type": str(cfg.peft_type)}
     else:
         targets = a.targets or DEFAULT_TARGETS[a.mode]
         target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
@@ -168,8 +186,9 @@ def _logical_numel(p: torch.Tensor) -> int:
 # ------------------------------------------------------------------------------------------------- loop
 def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the target tokens; labels are already shifted (labels[:, t] follows t)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits        # (B, L, V)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+    logits = model(input_ids=input_ids, use_cache=False).logits        # (B, L, V); (B, n + L, V) with a prompt
+    logits = logits[:, -input_ids.shape[1]:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
 def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, a: argparse.Namespace,
@@ -220,7 +239,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int) -> dic
     model.eval()
     total, count = 0.0, 0
     for x in windows.split(batch):
-        logits = model(input_ids=x, use_cache=False).logits.float()    # (b, L, V)
+        logits = model(input_ids=x, use_cache=False).logits.float()[:, -x.shape[1]:]    # (b, L, V)
         total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                  reduction="sum").item()
         count += x[:, 1:].numel()

@@ -33,7 +33,9 @@ PEER_PY = P.ROOT / "bench" / ".venv-peft" / "bin" / "python"
 TRAIN_TEXTS = ("austen_sensesensibility.txt", "austen_emma.txt", "austen_mansfieldpark.txt")
 BATCH, SEQLEN, STEPS = 4, 512, 200
 R, ALPHA = 16, 32
-LR = {"lora": 1e-3, "full": 5e-5}
+LR = {"lora": 1e-3, "full": 5e-5, "prompt": 1e-2, "ptuning": 1e-3, "prefix": 1e-3, "ptuning-v2": 1e-2,
+      "qat": 5e-5, "movement": 5e-5, "layerdrop": 5e-5}
+VIRTUAL, ENC_HIDDEN = 20, 576          # prompt methods: virtual tokens; P-tuning / prefix MLP width (the model's)
 
 # case -> (base folder under WORK or "fp32", slimlm method options, the peer's mode or None)
 CASES = {
@@ -46,12 +48,27 @@ CASES = {
     "qlora_gptq3": ("gptq_w3g64", {"method": "lora", "targets": "all-linear"}, None),
     "lora_structured20": ("structured_20", {"method": "lora", "targets": "all-linear"}, None),
     "full": ("fp32", {"method": "full"}, "full"),
+    "prompt": ("fp32", {"method": "prompt", "num_virtual_tokens": VIRTUAL}, "prompt"),
+    "ptuning": ("fp32", {"method": "ptuning", "num_virtual_tokens": VIRTUAL, "encoder_hidden_size": ENC_HIDDEN},
+                "ptuning"),
+    "prefix": ("fp32", {"method": "prefix", "num_virtual_tokens": VIRTUAL, "encoder_hidden_size": ENC_HIDDEN},
+               "prefix"),
+    "ptuning_v2": ("fp32", {"method": "ptuning-v2", "num_virtual_tokens": VIRTUAL}, "ptuning-v2"),
+    "adapter_houlsby": ("fp32", {"method": "adapter", "style": "houlsby", "reduction_factor": 16}, None),
+    "qat_w3g64": ("fp32", {"method": "qat", "bits": 3, "group_size": 64}, None),
+    "movement_70": ("fp32", {"method": "movement", "sparsity": "0.7"}, None),
+    "magnitude_70_ft": ("magnitude_70", {"method": "full"}, None),     # the zeros stay (adapt.methods._plan)
+    "movement_90": ("fp32", {"method": "movement", "sparsity": "0.9"}, None),
+    "magnitude_90_ft": ("magnitude_90", {"method": "full"}, None),
+    "layerdrop": ("fp32", {"method": "layerdrop", "layerdrop": 0.2}, None),
 }
 BASES = {   # folder -> slimlm command that makes it from the default model
     "nf4": ["quantize", "--method", "nf4"],
     "gptq_w4g64": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "64"],
     "gptq_w3g64": ["quantize", "--method", "gptq", "--bits", "3", "--group-size", "64"],
     "structured_20": ["prune", "--method", "structured", "--ratio", "0.2"],
+    "magnitude_70": ["prune", "--method", "magnitude", "--sparsity", "0.7"],
+    "magnitude_90": ["prune", "--method", "magnitude", "--sparsity", "0.9"],
 }
 
 
@@ -146,7 +163,7 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
     if method.name == "lora":
         opts.update(r=R, alpha=ALPHA)
     config = build_config(method.config_cls, opts, method.name)
-    lr = lr or LR["full" if method.name == "full" else "lora"]
+    lr = lr or LR.get(method.name, LR["lora"])
     cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=BATCH, lr=lr, **train_opts)
     t0 = time.perf_counter()
     model = slimlm.load_model(base_path(base))
@@ -221,8 +238,10 @@ def _peer(mode: str, steps: int, run_steps: int, evaluate: bool, tcmalloc: bool 
     out = WORK / f"peer_{mode}_{run_steps}{'_tcmalloc' if tcmalloc else ''}.json"
     cmd = [str(PEER_PY), str(P.ROOT / "bench" / "peer_peft.py"), "--model", base_path("fp32"),
            "--batches", str(WORK / "batches.safetensors"), "--mode", mode, "--r", str(R), "--alpha", str(ALPHA),
-           "--lr", str(LR["full" if mode == "full" else "lora"]), "--steps", str(steps), "--threads",
+           "--lr", str(LR.get(mode, LR["lora"])), "--steps", str(steps), "--threads",
            str(P.THREADS), "--json", str(out), "--gradient-checkpointing", "off"]
+    if mode in ("prompt", "ptuning", "prefix", "ptuning-v2"):
+        cmd += ["--num-virtual-tokens", str(VIRTUAL), "--encoder-hidden-size", str(ENC_HIDDEN)]
     if run_steps < steps:
         cmd += ["--time-steps", str(run_steps)]
     if evaluate:
@@ -238,6 +257,31 @@ def _peer(mode: str, steps: int, run_steps: int, evaluate: bool, tcmalloc: bool 
 
 
 # ------------------------------------------------------------------------------------------------ suites
+def suite_cut(cases: list[str], keep: str) -> None:
+    """LayerDrop's promise: each fine-tuned model (its quality run's output) and the untouched base, cut to the
+    decoder layers `keep` ("even": 0, 2, 4, ...), then perplexity on both texts."""
+    from safetensors.torch import load_file
+
+    import slimlm
+    from slimlm import metrics as M
+    from slimlm.adapt.methods import cut_layers
+    from slimlm.calibration.common import find_blocks
+
+    evals = {name: load_file(str(WORK / f"eval_{name}.safetensors"))["windows"] for name in P.EVAL_TEXTS}
+    out = {}
+    for case in ["base", *cases]:
+        folder = base_path("fp32") if case == "base" else str(WORK / f"quality_{case}")
+        model = slimlm.load_model(folder)
+        n = len(find_blocks(model)[1])
+        layers = list(range(0, n, 2)) if keep == "even" else [int(x) for x in keep.split(",")]
+        full = {k: M.score(model, w, progress=False)["perplexity"] for k, w in evals.items()}
+        cut_layers(model, layers)
+        out[case] = {"layers_kept": layers, "of": n, "ppl_full_depth": full,
+                     "ppl_cut": {k: M.score(model, w, progress=False)["perplexity"] for k, w in evals.items()}}
+        print(f"bench: cut {case}: {full} -> {out[case]['ppl_cut']}", flush=True)
+    _record("cut", keep, {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": P.machine(), "cases": out}, {})
+
+
 def _load_results() -> dict:
     path = P.RESULTS / "training.json"
     return json.loads(path.read_text())["figures"] if path.is_file() else {"time": {}, "quality": {}}
@@ -566,6 +610,9 @@ def main() -> None:
     di.add_argument("--case", default="lora_all", choices=sorted(CASES))
     di.add_argument("--run-steps", type=int, default=6)
     di.add_argument("--untimed", type=int, default=2)
+    cu = sub.add_parser("cut", help="LayerDrop: the quality runs' models cut to half their depth")
+    cu.add_argument("--only", default="layerdrop,full")
+    cu.add_argument("--keep", default="even")
     sub.add_parser("table")
     rs = sub.add_parser("rescore", help="record a finished run's quality row from its output folder")
     rs.add_argument("--case", required=True, choices=sorted(CASES))
@@ -590,6 +637,8 @@ def main() -> None:
         suite_allocators(a.only.split(","), a.run_steps, a.untimed)
     elif a.cmd == "rescore":
         rescore(a.case)
+    elif a.cmd == "cut":
+        suite_cut(a.only.split(","), a.keep)
     elif a.cmd == "table":
         table()
     elif a.cmd == "dist":

@@ -251,3 +251,59 @@ def test_foreign_folders_are_refused_in_one_line(tmp_path):
         load_adapter(tiny_model("gpt2"), tmp_path / "b")
     with pytest.raises(SlimlmError, match="only LoRA adapters merge"):
         api.merge(tiny_model("llama"), tmp_path / "b")
+
+
+def test_chunked_head_divergence_equals_the_plain_kl_and_its_gradient():
+    from slimlm.core.losses import chunked_head_divergence, forward_kl
+
+    g = torch.Generator().manual_seed(20)
+    hs = torch.randn(37, 8, generator=g, requires_grad=True)
+    ws = torch.randn(50, 8, generator=g, requires_grad=True)
+    ht, wt = torch.randn(37, 12, generator=g), torch.randn(50, 12, generator=g)
+    keep = torch.rand(37, generator=g) > 0.3
+    got = chunked_head_divergence(hs, ws, ht, wt, keep, chunk_size=10)
+    gh, gw = torch.autograd.grad(got, (hs, ws))
+    ps, pt = torch.log_softmax(hs @ ws.T, -1), torch.log_softmax(ht @ wt.T, -1)
+    ref = (pt.exp() * (pt - ps)).sum(-1)[keep].sum()          # plain reference: full logits
+    rh, rw = torch.autograd.grad(ref, (hs, ws))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(forward_kl(hs @ ws.T, hs @ ws.T), torch.zeros(37), atol=1e-6, rtol=0)
+
+
+def test_compress_then_prompt_learns_to_agree_with_the_uncompressed_model(model_dir, tmp_path):
+    student = slimlm.load_model(str(model_dir))
+    slimlm.quantize(student, slimlm.RTNConfig(bits=2, group_size=32))
+    cfg = TrainConfig(steps=12, seqlen=32, batch_size=2, lr=5e-2)
+    config = PR.PromptConfig(num_virtual_tokens=4, prompt_teacher=str(model_dir))
+    report = api.train(student, config, windows_data(12, 2), cfg, output=tmp_path / "p", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first                                        # the KL to the teacher falls
+    assert report["trainable_parameters"] == 4 * 64
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_the_training_path_equals_the_cache_path_with_its_gradient(arch):
+    """Prompt kinds train with the prompt concatenated to the embeddings (one causal pass); evaluation and
+    generate() use the cache: same loss, same gradient."""
+    from slimlm.training.plan import lm_loss
+
+    model = installed(arch, "ptuning")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rt = PR.prompt_runtime(model)
+    x = random_windows(2, 12, seed=21)
+    labels = torch.full_like(x, -100)
+    labels[:, :-1] = x[:, 1:]
+    batch = {"input_ids": x, "labels": labels}
+    params = list(rt.prompt.parameters())
+    a, n = rt.lm_loss(chunk=7)(model, batch)
+    ga = torch.autograd.grad(a, params)
+    b, m = lm_loss(model, batch, 7)
+    gb = torch.autograd.grad(b, params)
+    assert int(n) == int(m)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)

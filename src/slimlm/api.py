@@ -185,7 +185,7 @@ def train(model: nn.Module, config: Any, data, train_config: Any = None, *, toke
     dist = Dist.from_env(str(model_device(model)))
     try:
         plan = method.apply(model, config, TrainContext(tokenizer=tokenizer, model_ref=model_ref, seed=cfg.seed,
-                                                       seqlen=cfg.seqlen))
+                                                       seqlen=cfg.seqlen, total_steps=cfg.total_steps(dist.world)))
         import dataclasses
         run = {"model": model_ref, "method": method.name, "method_config": dataclasses.asdict(config),
                "data": getattr(data, "describe", lambda: None)()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..calibration import find_blocks
@@ -31,6 +32,7 @@ class TrainContext:
     model_ref: str | None = None
     seed: int = 0
     seqlen: int | None = None
+    total_steps: int | None = None
 
 
 @dataclass
@@ -63,6 +65,10 @@ def _save_model(model: nn.Module, tokenizer, folder: Path) -> None:
 
 
 def _plan(model: nn.Module, trainable: list[nn.Module] | None, info: dict) -> TrainPlan:
+    """Train every float parameter of `trainable` (None: the whole model). Linear layers of a pruned model
+    (their weights mostly exact zeros) keep their zeros: after every step the pruned weights are zeroed
+    again, so fine-tuning recovers quality without undoing the sparsity."""
+    sparse = _sparse_masks(model)
     for p in model.parameters():
         p.requires_grad_(False)
     mods = [model] if trainable is None else trainable
@@ -72,7 +78,29 @@ def _plan(model: nn.Module, trainable: list[nn.Module] | None, info: dict) -> Tr
                 p.requires_grad_(True)
     names = {id(p): n for n, p in model.named_parameters()}       # tied weights: the first name
     params = {names[id(p)]: p for m in mods for p in m.parameters() if p.requires_grad}
-    return TrainPlan(params=params, save=_save_model, info=info)
+    if not sparse:
+        return TrainPlan(params=params, save=_save_model, info=info)
+
+    def keep_zeros(step: int) -> None:
+        with torch.no_grad():
+            for w, keep in sparse:
+                w.masked_fill_(~keep, 0)
+
+    return TrainPlan(params=params, save=_save_model, after_step=keep_zeros,
+                     info={**info, "sparse_layers_kept": len(sparse)})
+
+
+def _sparse_masks(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, keep-mask) of each float linear of the decoder blocks that looks pruned."""
+    from ..calibration.common import is_linear
+    from ..pruning.storage import is_sparse, nonzero_mask
+
+    try:
+        _, blocks = find_blocks(model)
+    except ValueError:
+        return []
+    return [(m.weight, nonzero_mask(m.weight.detach())) for m in blocks.modules()
+            if is_linear(m) and m.weight.is_floating_point() and is_sparse(m.weight.detach())]
 
 
 @register("train", "full", FullConfig, needs_data=True, help="full fine-tuning of every weight")
@@ -139,7 +167,13 @@ def _prompt_method(name: str, config_cls: type, help: str) -> None:
         def save(model: nn.Module, tokenizer, folder: Path) -> None:
             PR.save_prompt(model, folder, base_model_ref=ctx.model_ref)
 
-        return TrainPlan(params=params, save=save, info={"method": name, **asdict(config)})
+        loss = None if rt.prompt.makes_kv else rt.lm_loss()
+        if getattr(config, "prompt_teacher", None):
+            from ..models import load_model
+            teacher = load_model(config.prompt_teacher, device=next(model.parameters()).device)
+            teacher.requires_grad_(False)
+            loss = PR.teacher_kl_loss(teacher)
+        return TrainPlan(params=params, save=save, loss=loss, info={"method": name, **asdict(config)})
 
 
 def _register_prompts() -> None:
@@ -177,3 +211,125 @@ def _register_bottleneck() -> None:
 
 
 _register_bottleneck()
+
+
+# ------------------------------------------------------------------------------------------ QAT, LayerDrop
+@dataclass
+class QATConfig:
+    bits: int = field(default=4, metadata={"help": "qat: bits per weight, 2..8"})
+    group_size: int = field(default=64, metadata={"help": "qat: input columns sharing one scale (-1: per "
+                                                          "output channel)"})
+    symmetric: bool = field(default=False, metadata={"help": "qat: symmetric grid (zero point fixed)"})
+
+    def rtn(self):
+        from ..quant.configs import RTNConfig
+        return RTNConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def __post_init__(self) -> None:
+        self.rtn()                                        # the quantization config's own checks
+
+
+@register("train", "qat", QATConfig, needs_data=True,
+          help="quantization-aware training of the full weights (straight-through), saved as packed RTN layers")
+def prepare_qat_method(model: nn.Module, config: QATConfig, ctx: TrainContext) -> TrainPlan:
+    """Every target linear becomes a FakeQuantLinear (quant.qat) computing with Q(W) and passing the gradient
+    straight through the rounding; the float weights (and the rest of the model) train; saving converts the
+    fake-quantized layers into slimlm's packed layers, whose logits equal the fake-quantized model's."""
+    from ..quant.qat import convert_qat, prepare_qat
+
+    _check_float(model, "quantization-aware")
+    prepare_qat(model, config.rtn())
+
+    def save(model: nn.Module, tokenizer, folder: Path) -> None:
+        convert_qat(model)
+        _save_model(model, tokenizer, folder)
+
+    plan = _plan(model, None, {"method": "qat", **asdict(config)})
+    plan.save = save
+    return plan
+
+
+@dataclass
+class LayerDropConfig:
+    layerdrop: float = field(default=0.2, metadata={
+        "help": "layerdrop: probability that a decoder layer is skipped in a training forward pass"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.layerdrop < 1:
+            raise ConfigError(f"--layerdrop must be in (0, 1) (got {self.layerdrop})")
+
+
+@register("train", "layerdrop", LayerDropConfig, needs_data=True,
+          help="full fine-tuning with LayerDrop: any subset of layers can be cut out afterwards")
+def prepare_layerdrop(model: nn.Module, config: LayerDropConfig, ctx: TrainContext) -> TrainPlan:
+    """Fan et al. 2019 ("Reducing Transformer Depth on Demand with Structured Dropout"): in training mode each
+    decoder layer is skipped (its input passed on) with probability p, drawn from torch's generator, so a
+    checkpoint and --resume draw the same layers; in eval mode every layer runs. The model trained this way
+    keeps its quality when layers are removed afterwards (slimlm.adapt.methods.cut_layers)."""
+    _check_float(model, "LayerDrop")
+    _, blocks = find_blocks(model)
+    shapes = _output_shapes(model, blocks)
+    for block, shape in zip(blocks, shapes):
+        block.forward = _droppable(block, config.layerdrop, shape)
+
+    def save(model: nn.Module, tokenizer, folder: Path) -> None:
+        for block in blocks:
+            block.__dict__.pop("forward", None)           # the class's plain forward again
+        _save_model(model, tokenizer, folder)
+
+    plan = _plan(model, None, {"method": "layerdrop", **asdict(config)})
+    plan.save = save
+    return plan
+
+
+def _output_shapes(model: nn.Module, blocks: nn.ModuleList) -> list[int]:
+    """What each decoder layer returns, seen on a one-token forward pass: 0 for the hidden states alone
+    (transformers 5), n for a tuple of n (older layers, GPT-2's)."""
+    seen: dict[int, int] = {}
+
+    def record(i: int):
+        def hook(module: nn.Module, args: tuple, out) -> None:
+            seen.setdefault(i, len(out) if isinstance(out, tuple) else 0)
+        return hook
+
+    hooks = [b.register_forward_hook(record(i)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            dev = next(model.parameters()).device
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=dev), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen.get(i, 0) for i in range(len(blocks))]
+
+
+def _droppable(block: nn.Module, p: float, shape: int):
+    plain = block.forward
+
+    def forward(*args, **kwargs):
+        if block.training and float(torch.rand(())) < p:      # skipped: the input goes on unchanged
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) + (None,) * (shape - 1) if shape else hidden
+        return plain(*args, **kwargs)
+    return forward
+
+
+def cut_layers(model: nn.Module, keep: list[int]) -> nn.Module:
+    """Keep only decoder layers `keep` (0-based, in order), in place: the depth cut LayerDrop prepares for."""
+    from ..pruning.structured import keep_layers
+
+    _, blocks = find_blocks(model)
+    if not keep or any(not 0 <= i < len(blocks) for i in keep):
+        raise ConfigError(f"layers to keep must be in 0..{len(blocks) - 1}")
+    keep_layers(model, blocks, sorted(set(keep)))
+    return model
+
+
+def _register_intrinsic() -> None:
+    from . import intrinsic as ID
+
+    register("train", "intrinsic", ID.IntrinsicConfig, needs_data=True,
+             help="intrinsic-dimension training: theta_0 + P theta_d, P Fastfood (SAID scalars)")(ID.prepare)
+
+
+_register_intrinsic()

@@ -52,6 +52,9 @@ class PromptConfig:
         "help": "prompt: initial soft prompt: vocab (sampled vocabulary embeddings), text (--prompt-init-text, "
                 "repeated to length), random (normal at the embeddings' scale)"})
     prompt_init_text: str | None = field(default=None, metadata={"help": "prompt: the text for --prompt-init text"})
+    prompt_teacher: str | None = field(default=None, metadata={
+        "help": "prompt: a model (typically the uncompressed one) whose next-token distributions the prompted "
+                "model learns to match (KL divergence); without it, the plain language-model loss"})
 
     def __post_init__(self) -> None:
         _check_virtual(self.num_virtual_tokens)
@@ -172,8 +175,43 @@ class PromptRuntime:
 
     def remove(self) -> None:
         self.hook.remove()
-        if getattr(self.model, "slimlm_prompt", None) is self:
-            del self.model.slimlm_prompt
+        self.model.__dict__.pop("slimlm_prompt", None)
+
+    def hidden_states(self, batch: dict) -> Tensor:
+        """Training path of the prompt kinds: the soft prompt concatenated to the input embeddings (as PEFT
+        computes it) and the text's last hidden states (B, L, H). Equal to the cache path (a test), but one
+        causal pass, so attention keeps its unmasked fast kernel (with a cache it needs an explicit mask)."""
+        ids = batch["input_ids"]
+        emb = self.model.get_input_embeddings()(ids)
+        p = self.prompt.output()[None].to(emb.dtype).expand(ids.shape[0], -1, -1)
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(mask.shape[0], self.prompt.n), mask], dim=1)
+        self.hook.enabled = False
+        try:
+            out = self.hook.decoder(inputs_embeds=torch.cat([p, emb], dim=1), attention_mask=mask, use_cache=False)
+        finally:
+            self.hook.enabled = True
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return h[:, self.prompt.n:]
+
+    def lm_loss(self, chunk: int = 1024):
+        """TrainPlan.loss for the prompt kinds (prompt, ptuning): the language-model loss through
+        hidden_states(); other outputs (soft-capped logits, an adapted head) fall back to the model's own
+        forward through the cache."""
+        from ..core.losses import chunked_linear_cross_entropy
+        from ..training.plan import _plain_head, lm_loss
+
+        def loss(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+            head = _plain_head(model)
+            if head is None or self.prompt.makes_kv:
+                return lm_loss(model, batch, chunk)
+            labels = batch["labels"]
+            h = self.hidden_states(batch)
+            total = chunked_linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, labels.reshape(-1),
+                                                 bias=head.bias, chunk_size=chunk, reduction="sum")
+            return total, (labels != -100).sum()
+        return loss
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -333,3 +371,29 @@ def load_prompt(model: nn.Module, folder: Path | str, cfg: dict) -> PromptRuntim
     prompt.requires_grad_(False)
     rt = install(model, prompt, method)
     return rt
+
+
+def teacher_kl_loss(teacher: nn.Module, chunk: int = 1024):
+    """The loss of "compress, then prompt": KL(teacher || prompted model) summed over the target positions,
+    with their count (TrainPlan.loss's contract); both models' logits are computed chunk by chunk."""
+    from ..core.losses import chunked_head_divergence
+    from ..training.plan import _plain_head, hidden_states
+
+    def loss(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+        keep = batch["labels"].reshape(-1) != -100
+        head_s, head_t = _plain_head(model), _plain_head(teacher)
+        if head_s is None or head_t is None:
+            from ..core.losses import forward_kl
+            z_s = model(input_ids=batch["input_ids"], use_cache=False).logits
+            with torch.no_grad():
+                z_t = teacher(input_ids=batch["input_ids"], use_cache=False).logits
+            kl = forward_kl(z_s.reshape(-1, z_s.shape[-1]), z_t.reshape(-1, z_t.shape[-1]))
+            return torch.where(keep, kl, 0.0).sum(), keep.sum()
+        h = hidden_states(model, batch)
+        with torch.no_grad():
+            ht = hidden_states(teacher, batch)
+        total = chunked_head_divergence(h.reshape(-1, h.shape[-1]), head_s.weight, ht.reshape(-1, ht.shape[-1]),
+                                        head_t.weight, keep, b_student=head_s.bias, b_teacher=head_t.bias,
+                                        chunk_size=chunk)
+        return total, keep.sum()
+    return loss

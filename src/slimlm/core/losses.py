@@ -145,3 +145,43 @@ def shift_labels(input_ids: Tensor, loss_mask: Tensor | None = None, *, ignore_i
                              f"{tuple(loss_mask.shape)}")
         labels[:, :-1].masked_fill_(~loss_mask[:, 1:].bool(), ignore_index)
     return labels
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_t || p_s) per position, (C, V) logits -> (C,):
+
+        p = softmax(z / T),   KL_i = sum_v p_t,v (log p_t,v - log p_s,v)
+
+    the forward KL of knowledge distillation (Hinton et al. 2015, without the T^2 factor, which belongs to
+    the caller's mixture with the hard loss)."""
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1)
+
+
+def chunked_head_divergence(h_student: Tensor, w_student: Tensor, h_teacher: Tensor, w_teacher: Tensor,
+                            keep: Tensor, divergence=forward_kl, *, b_student: Tensor | None = None,
+                            b_teacher: Tensor | None = None, chunk_size: int = 1024) -> Tensor:
+    """sum_i keep_i * divergence(z_s,i, z_t,i) over N positions, z = W h + b for each model: h_student (N, H),
+    w_student (V, H), h_teacher (N, H_t), w_teacher (V, H_t), keep (N,) bool.
+
+    Neither model's (N, V) logits are held: each chunk of positions computes both models' logits (the
+    teacher's without gradient) inside a checkpoint, so the backward recomputes that chunk's student logits
+    and never stores them."""
+    from torch.utils.checkpoint import checkpoint
+
+    if h_student.shape[0] != h_teacher.shape[0] or w_student.shape[0] != w_teacher.shape[0]:
+        raise ConfigError(f"student and teacher disagree: {h_student.shape[0]} vs {h_teacher.shape[0]} positions, "
+                          f"vocabularies {w_student.shape[0]} vs {w_teacher.shape[0]}")
+
+    def part(h: Tensor, t: Tensor, k: Tensor) -> Tensor:
+        z_s = _chunk_logits(h, w_student, b_student)
+        with torch.no_grad():
+            z_t = _chunk_logits(t, w_teacher.detach(), None if b_teacher is None else b_teacher.detach())
+        return torch.where(k, divergence(z_s, z_t), 0.0).sum()
+
+    total = h_student.new_zeros((), dtype=torch.float32)
+    for s in range(0, h_student.shape[0], chunk_size):
+        e = min(s + chunk_size, h_student.shape[0])
+        total = total + checkpoint(part, h_student[s:e], h_teacher[s:e].detach(), keep[s:e], use_reentrant=False)
+    return total

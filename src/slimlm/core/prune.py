@@ -124,3 +124,38 @@ def wanda_mask(W: Tensor, act_sq_sum: Tensor, sparsity: Sparsity) -> Tensor:
     if isinstance(sparsity, tuple):
         return nm_mask(score, *sparsity)
     return prune_smallest(score, num_pruned(W.shape[1], sparsity))
+
+
+def cubic_sparsity(step: int, final: float, start: int, end: int, initial: float = 0.0) -> float:
+    """The cubic sparsity schedule of Zhu & Gupta (2017) that movement pruning (Sanh et al. 2020, eq. in
+    section 5) follows:
+
+        s_t = initial                                                     t <  start
+        s_t = final + (initial - final) * (1 - (t - start) / (end - start))^3    start <= t < end
+        s_t = final                                                       t >= end
+
+    so the sparsity rises fast at first and slowly near the target; `end` > `start` >= 0 are optimizer
+    steps."""
+    if step < start:
+        return initial
+    if step >= end:
+        return final
+    return final + (initial - final) * (1 - (step - start) / (end - start)) ** 3
+
+
+def score_masks(scores: Sequence[Tensor], sparsity: Sparsity, scope: str = "layer") -> list[Tensor]:
+    """Keep-masks that keep the HIGHEST scores (movement pruning's top-k, Sanh et al. 2020: M = Top_v(S)).
+
+    scores: tensors (out, in) of any sign. scope "layer": each tensor loses round(sparsity * numel) of its
+    lowest scores (hard movement), or for an N:M spec keeps the N highest of every M inputs; scope "global":
+    one threshold across all tensors (the thresholded, soft variant: layers end up with different
+    sparsities). Ties go towards the lower index, as in magnitude pruning."""
+    spec = parse_sparsity(sparsity)
+    if isinstance(spec, tuple):
+        return [nm_mask(s.float(), *spec) for s in scores]
+    shifted = [s.float() for s in scores]
+    low = min(float(s.min()) for s in shifted) if shifted else 0.0
+    shifted = [s - low for s in shifted]                       # >= 0: the magnitude rule is then "by score"
+    if scope == "global":
+        return global_magnitude_masks(shifted, spec)
+    return [global_magnitude_masks([s], spec)[0] for s in shifted]

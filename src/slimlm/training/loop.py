@@ -129,7 +129,10 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
                      "installed, see TrainConfig.release_memory and README.md")
     opt = make_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                          no_decay=is_vector)                  # biases, norms (and DoRA's magnitudes): no decay
-    loss_fn = plan.loss or (lambda m, b: lm_loss(m, b, cfg.loss_chunk))
+    def plain_loss(m: nn.Module, b: Batch) -> tuple[Tensor, Tensor]:
+        return lm_loss(m, b, cfg.loss_chunk)
+
+    loss_fn = plan.loss or plain_loss                       # training; evaluation is always perplexity
     state = _Run(output, run, dist)
     torch.manual_seed(cfg.seed)
     start = _start(state, plan, opt, resume)
@@ -142,7 +145,7 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     if allocator:
         report["allocator"] = allocator + (" (release_memory)" if cfg.release_memory and allocator == "glibc" else "")
     if eval_windows is not None and start == 0:
-        report["eval_perplexity_before"] = perplexity(model, eval_windows, loss_fn)
+        report["eval_perplexity_before"] = perplexity(model, eval_windows, plain_loss)
     model.train()
     times, losses = [], []
     reduce_on = device if dist.world > 1 and device.type == "cuda" else torch.device("cpu")   # nccl: GPU tensors
@@ -180,7 +183,7 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
                 if eval_windows is not None and (step + 1 == total or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                    row["eval_perplexity"] = perplexity(model, eval_windows, loss_fn)
+                    row["eval_perplexity"] = perplexity(model, eval_windows, plain_loss)
                 state.log(row)
                 done = step + 1
             times.append(seconds)
@@ -199,7 +202,7 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
                           "output was written: the same command with --resume continues") from None
     bar.close()
     if eval_windows is not None:
-        report["eval_perplexity_after"] = row["eval_perplexity"] if times else perplexity(model, eval_windows, loss_fn)
+        report["eval_perplexity_after"] = row["eval_perplexity"] if times else perplexity(model, eval_windows, plain_loss)
     timed = times[2:] or times                      # the first steps warm the allocator and kernels
     report.update(final_loss=losses[-1] if losses else None, step_seconds_median=statistics.median(timed) if timed
                   else None, peak_rss_mb=_peak_rss_mb(), resumed_at=start)

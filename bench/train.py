@@ -61,6 +61,11 @@ CASES = {
     "movement_90": ("fp32", {"method": "movement", "sparsity": "0.9"}, None),
     "magnitude_90_ft": ("magnitude_90", {"method": "full"}, None),
     "layerdrop": ("fp32", {"method": "layerdrop", "layerdrop": 0.2}, None),
+    # compress, then prompt: a soft prompt on the compressed model trained towards the fp32 model (KL)
+    "prompt_recover_gptq3": ("gptq_w3g64", {"method": "prompt", "num_virtual_tokens": VIRTUAL,
+                                            "prompt_teacher": "fp32"}, None),
+    "prompt_recover_sparsegpt50": ("sparsegpt_50", {"method": "prompt", "num_virtual_tokens": VIRTUAL,
+                                                    "prompt_teacher": "fp32"}, None),
 }
 BASES = {   # folder -> slimlm command that makes it from the default model
     "nf4": ["quantize", "--method", "nf4"],
@@ -69,6 +74,7 @@ BASES = {   # folder -> slimlm command that makes it from the default model
     "structured_20": ["prune", "--method", "structured", "--ratio", "0.2"],
     "magnitude_70": ["prune", "--method", "magnitude", "--sparsity", "0.7"],
     "magnitude_90": ["prune", "--method", "magnitude", "--sparsity", "0.9"],
+    "sparsegpt_50": ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
 }
 
 
@@ -162,6 +168,8 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
     train_opts = {k: opts.pop(k) for k in list(opts) if k in ("checkpointing", "release_memory")}
     if method.name == "lora":
         opts.update(r=R, alpha=ALPHA)
+    if opts.get("prompt_teacher") == "fp32":
+        opts["prompt_teacher"] = base_path("fp32")
     config = build_config(method.config_cls, opts, method.name)
     lr = lr or LR.get(method.name, LR["lora"])
     cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=BATCH, lr=lr, **train_opts)

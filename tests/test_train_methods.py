@@ -102,8 +102,8 @@ def test_layerdrop_skips_layers_in_training_only():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_layerdrop_trains_resumes_exactly_and_saves_a_plain_model(arch, tmp_path):
     cfg = TrainConfig(steps=6, seqlen=32, batch_size=2, lr=1e-3, save_every=3)
-    api.train(tiny_model(arch), LayerDropConfig(layerdrop=0.5), windows_data(6), cfg, output=tmp_path / "a",
-              progress=False)
+    trained = tiny_model(arch)
+    api.train(trained, LayerDropConfig(layerdrop=0.5), windows_data(6), cfg, output=tmp_path / "a", progress=False)
 
 
     class Killing:
@@ -130,7 +130,10 @@ def test_layerdrop_trains_resumes_exactly_and_saves_a_plain_model(arch, tmp_path
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 6
     loaded = slimlm.load_model(str(tmp_path / "a"))
-    assert all("forward" not in b.__dict__ for b in find_blocks(loaded)[1])
+    x = random_windows(1, 8)
+    torch.testing.assert_close(logits(loaded, x), logits(trained, x), atol=1e-5, rtol=1e-5)
+    assert (logits(loaded, x) - logits(tiny_model(arch), x)).abs().max() > 1e-4      # it trained
+    assert all("forward" not in b.__dict__ for b in find_blocks(trained)[1])
     cut_layers(loaded, [0])
     assert len(find_blocks(loaded)[1]) == 1
     assert torch.isfinite(logits(loaded, random_windows(1, 8))).all()

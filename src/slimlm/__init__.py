@@ -1,7 +1,7 @@
 """slimlm: make language models small, cheap and fast to adapt, CPU first.
 
-Quantize and prune (adapting and distilling are being built) in one toolkit, with evaluation built in and
-outputs in the formats transformers and other tools load.
+Quantize, prune and adapt (distilling is being built) in one toolkit, with evaluation built in and outputs
+in the formats transformers and other tools load.
 """
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ _CONFIGS = {
     "slimlm.quant.configs": ("RTNConfig", "GPTQConfig", "AWQConfig", "NF4Config", "Int8Config"),
     "slimlm.pruning.configs": ("MagnitudeConfig", "WandaConfig", "SparseGPTConfig"),
     "slimlm.pruning.structured": ("StructuredConfig",),
-    "slimlm.adapt.methods": ("FullConfig", "TopConfig"),
+    "slimlm.adapt.methods": ("FullConfig", "TopConfig", "QATConfig", "LayerDropConfig"),
     "slimlm.adapt.lora": ("LoRAConfig",),
+    "slimlm.adapt.prompts": ("PromptConfig", "PTuningConfig", "PrefixConfig", "PTuningV2Config"),
+    "slimlm.adapt.bottleneck": ("BottleneckConfig",),
+    "slimlm.adapt.intrinsic": ("IntrinsicConfig",),
+    "slimlm.pruning.movement": ("MovementConfig",),
     "slimlm.training.config": ("TrainConfig",),
 }
 

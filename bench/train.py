@@ -56,6 +56,7 @@ CASES = {
     "ptuning_v2": ("fp32", {"method": "ptuning-v2", "num_virtual_tokens": VIRTUAL}, "ptuning-v2"),
     "adapter_houlsby": ("fp32", {"method": "adapter", "style": "houlsby", "reduction_factor": 16}, None),
     "qat_w3g64": ("fp32", {"method": "qat", "bits": 3, "group_size": 64}, None),
+    "qat_from_gptq3": ("gptq_w3g64", {"method": "qat", "lr": 1e-4}, None),    # GPTQ's grid and codes at step 0
     "movement_70": ("fp32", {"method": "movement", "sparsity": "0.7"}, None),
     "magnitude_70_ft": ("magnitude_70", {"method": "full"}, None),     # the zeros stay (adapt.methods._plan)
     "movement_90": ("fp32", {"method": "movement", "sparsity": "0.9"}, None),
@@ -164,6 +165,7 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
     torch.set_num_threads(P.THREADS)
     base, opts, _ = CASES[case]
     opts = dict(opts)
+    case_lr = opts.pop("lr", None)                         # a case's own learning rate, else the method's
     method = get("train", opts.pop("method"))
     train_opts = {k: opts.pop(k) for k in list(opts) if k in ("checkpointing", "release_memory")}
     if method.name == "lora":
@@ -171,7 +173,7 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
     if opts.get("prompt_teacher") == "fp32":
         opts["prompt_teacher"] = base_path("fp32")
     config = build_config(method.config_cls, opts, method.name)
-    lr = lr or LR.get(method.name, LR["lora"])
+    lr = lr or case_lr or LR.get(method.name, LR["lora"])
     cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=BATCH, lr=lr, **train_opts)
     t0 = time.perf_counter()
     model = slimlm.load_model(base_path(base))

@@ -68,11 +68,11 @@ def test_qat_converted_logits_equal_the_fake_quantized_model(tmp_path):
     assert (after - before).pow(2).mean() / before.pow(2).mean() < 1e-3
 
 
-def test_qat_refuses_bad_settings_and_packed_bases():
+def test_qat_refuses_bad_settings_and_other_packed_bases():
     with pytest.raises(ConfigError):
         QATConfig(bits=1)
     model = tiny_model("llama")
-    slimlm.quantize(model, slimlm.RTNConfig(bits=4, group_size=32))
+    slimlm.quantize(model, slimlm.NF4Config())
     with pytest.raises(ConfigError, match="packed quantized layer"):
         api.train(model, QATConfig(), windows_data(2), TrainConfig(steps=2, seqlen=32, batch_size=2), progress=False)
 
@@ -137,3 +137,28 @@ def test_layerdrop_trains_resumes_exactly_and_saves_a_plain_model(arch, tmp_path
     cut_layers(loaded, [0])
     assert len(find_blocks(loaded)[1]) == 1
     assert torch.isfinite(logits(loaded, random_windows(1, 8))).all()
+
+
+def test_qat_continues_from_a_packed_gptq_model_on_its_own_grid(tmp_path):
+    from slimlm.adapt.methods import TrainContext, prepare_qat_method
+
+    model = tiny_model("llama")
+    slimlm.quantize(model, slimlm.GPTQConfig(bits=3, group_size=32), data=random_windows(4, 32))
+    packed = {n: m.dequantize_weight(torch.float32) for n, m in model.named_modules() if n in runtime_modules(model)}
+    plan = prepare_qat_method(model, QATConfig(), TrainContext())
+    assert plan.info["from_packed_layers"] == len(packed)
+    fakes = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    assert fakes.keys() == packed.keys()
+    for name, m in fakes.items():              # step 0 is exactly the GPTQ model: same codes, same grid
+        torch.testing.assert_close(m.quant_result().dequantize(), packed[name], atol=0, rtol=0)
+    x = random_windows(2, 12, seed=5)
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(m.weight.grad is not None for m in fakes.values())
+
+
+def test_qat_refuses_an_awq_base():
+    model = tiny_model("llama")
+    slimlm.quantize(model, slimlm.AWQConfig(bits=4, group_size=32), data=random_windows(4, 32))
+    with pytest.raises(ConfigError, match="AWQ"):
+        api.train(model, QATConfig(), windows_data(2), TrainConfig(steps=2, seqlen=32, batch_size=2), progress=False)

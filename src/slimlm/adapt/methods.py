@@ -230,21 +230,30 @@ class QATConfig:
 
 
 @register("train", "qat", QATConfig, needs_data=True,
-          help="quantization-aware training of the full weights (straight-through), saved as packed RTN layers")
+          help="quantization-aware training (straight-through) from the float model (RTN grid) or from a packed "
+               "RTN/GPTQ model (its grid, its codes at step 0); saved as packed layers")
 def prepare_qat_method(model: nn.Module, config: QATConfig, ctx: TrainContext) -> TrainPlan:
     """Every target linear becomes a FakeQuantLinear (quant.qat) computing with Q(W) and passing the gradient
     straight through the rounding; the float weights (and the rest of the model) train; saving converts the
-    fake-quantized layers into slimlm's packed layers, whose logits equal the fake-quantized model's."""
-    from ..quant.qat import convert_qat, prepare_qat
+    fake-quantized layers into slimlm's packed layers, whose weights are exactly those the fake layers used.
+    On a float model Q is round-to-nearest on each group's current min/max (--bits, --group-size); on a model
+    slimlm quantized with RTN or GPTQ the grid stays the stored one and training starts from its codes (the
+    quantized model's own perplexity at step 0), and --bits / --group-size are the base's."""
+    from ..formats.native import runtime_modules
+    from ..quant.qat import convert_qat, prepare_qat, qat_from_packed
 
-    _check_float(model, "quantization-aware")
-    prepare_qat(model, config.rtn())
+    info = {"method": "qat", **asdict(config)}
+    if runtime_modules(model):
+        info["from_packed_layers"] = qat_from_packed(model)
+        _check_float(model, "quantization-aware")        # nothing packed may be left (NF4, int8)
+    else:
+        prepare_qat(model, config.rtn())
 
     def save(model: nn.Module, tokenizer, folder: Path) -> None:
         convert_qat(model)
         _save_model(model, tokenizer, folder)
 
-    plan = _plan(model, None, {"method": "qat", **asdict(config)})
+    plan = _plan(model, None, info)
     plan.save = save
     return plan
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimlm.core.quant import QuantResult, rtn_result
+from slimlm.core.quant import QuantResult, quantize_grouped, rtn_result
 from slimlm.errors import ConfigError
 from slimlm.quant.configs import IntQuantConfig
 from slimlm.quant.targets import bias_of, plan_targets, set_submodule, swap_in
@@ -25,16 +25,25 @@ class FakeQuantLinear(nn.Module):
     """A linear layer with a trainable float weight (out, in) that computes with its quantized value."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, group_size: int,
-                 symmetric: bool) -> None:
+                 symmetric: bool, grid: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.fixed = grid is not None
+        if grid is not None:                  # a fixed grid: scale, zero (out, G) fp32 and g_idx (in,)
+            for name, t in zip(("grid_scale", "grid_zero", "grid_g_idx"), grid):
+                self.register_buffer(name, t.detach().clone(), persistent=False)
 
     def quant_result(self) -> QuantResult:
-
-        return rtn_result(self.weight.detach().float(), self.bits, self.group_size, self.symmetric)
+        """Q(W): round-to-nearest on the current weights' min/max grid, or on the fixed grid (from_packed)."""
+        W = self.weight.detach().float()
+        if not self.fixed:
+            return rtn_result(W, self.bits, self.group_size, self.symmetric)
+        codes = quantize_grouped(W, self.grid_scale, self.grid_zero, self.bits, self.grid_g_idx)
+        return QuantResult(codes, self.grid_scale, self.grid_zero, self.grid_g_idx, self.bits, self.group_size,
+                           self.symmetric)
 
     def forward(self, x: Tensor) -> Tensor:
         w_q = self.quant_result().dequantize().to(self.weight.dtype)
@@ -57,6 +66,28 @@ def prepare_qat(model: nn.Module, config: IntQuantConfig) -> nn.Module:
                              t.group_size, config.symmetric)
         set_submodule(model, t.name, fq.to(t.info.module.weight.device))
     return model
+
+
+def qat_from_packed(model: nn.Module) -> int:
+    """Continue from a quantized model: every packed QuantLinear (RTN, GPTQ, with act-order too) becomes a
+    FakeQuantLinear whose float weight is its dequantized weight and whose grid (scales, zero points, column
+    groups) is fixed to the stored one, so training starts exactly at the quantized model and convert_qat
+    writes codes on the same grid. Returns the number of layers converted."""
+    from slimlm.quant.linear import QuantLinear
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    other = next((n for n, m in layers.items() if type(m) is not QuantLinear), None)
+    if other is not None:
+        raise ConfigError(f"{other} is a {type(layers[other]).__name__} (an input-scaled AWQ layer); quantization-"
+                          "aware training continues from RTN or GPTQ bases, or from the float model")
+    with torch.no_grad():
+        for name, m in layers.items():
+            W = m.dequantize_weight(torch.float32)
+            bias = None if m.bias is None else m.bias.detach().float()
+            fq = FakeQuantLinear(W, bias, m.bits, m.group_size, m.symmetric,
+                                 grid=(m.scale.float(), m.zero.float(), m.g_idx.long()))
+            set_submodule(model, name, fq.to(W.device))
+    return len(layers)
 
 
 def convert_qat(model: nn.Module) -> nn.Module:

@@ -14,7 +14,8 @@ forward pass of the n virtual tokens (at batch 1, positions 0..n-1). All four me
         explicit position_ids (the text's own, from 0)        ->  position_ids + n
     so the text sits at positions n.. in every call, as in PEFT's forward.
 
-Only public Cache API is used (DynamicCache(config=...), update, get_seq_length, batch_repeat_interleave).
+The Cache API used: DynamicCache(config=...), update, get_seq_length, batch_repeat_interleave, and the
+per-layer keys and values (layer_kv) to read the model's own prefix for P-tuning v2's initialisation.
 Transformers renamed the decoder's cache argument (past_key_values -> cache, 5.x); the name is read from the
 decoder's signature, and tests/test_prompts.py checks logits against PEFT and generate() against a plain
 greedy loop on every architecture of the test table, so a transformers upgrade that changes the cache
@@ -89,6 +90,13 @@ def cache_from_kv(model: nn.Module, kv: list[tuple[Tensor, Tensor]]):
     for i, (k, v) in enumerate(kv):
         cache.update(k, v, i)
     return cache
+
+
+def layer_kv(cache, i: int) -> tuple[Tensor, Tensor]:
+    """Layer i's cached keys and values (1, kv_heads, n, head_dim): P-tuning v2's initial prefix is the model's
+    own keys and values for sampled tokens. (DynamicCache.layers: the one non-public attribute used here.)"""
+    layer = cache.layers[i]
+    return layer.keys, layer.values
 
 
 class PrefixHook:

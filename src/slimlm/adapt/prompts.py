@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .prefix_cache import PrefixHook, cache_from_kv, decoder, kv_shape, new_cache
+from .prefix_cache import PrefixHook, cache_from_kv, decoder, kv_shape, layer_kv, new_cache
 
 log = logging.getLogger(__name__)
 
@@ -287,18 +287,13 @@ def _real_kv(model: nn.Module, n: int, seed: int) -> Tensor:
     decoder(model)(input_ids=ids, use_cache=True, **{_arg(model): cache})
     model.train(was)
     layers = kv_shape(model)[0]
-    kv = [_layer_kv(cache, i) for i in range(layers)]
+    kv = [layer_kv(cache, i) for i in range(layers)]
     return join_kv(kv).float()
 
 
 def _arg(model: nn.Module) -> str:
     from .prefix_cache import _cache_arg
     return _cache_arg(decoder(model))
-
-
-def _layer_kv(cache, i: int) -> tuple[Tensor, Tensor]:
-    layer = cache.layers[i]
-    return layer.keys, layer.values
 
 
 def check_fits(model: nn.Module, n: int, seqlen: int) -> None:

@@ -130,3 +130,22 @@ def text_file(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text(TEXT, encoding="utf-8")
     return p
+
+
+class StopAt:
+    """Training data that raises KeyboardInterrupt (as Ctrl-C would) when batch `at` is first asked for."""
+
+    def __init__(self, data, at: int) -> None:
+        self.data, self.at, self.fired = data, at, False
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, i: int):
+        if i == self.at and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        return self.data.batch(i)
+
+    def describe(self) -> dict:
+        return self.data.describe()

@@ -19,7 +19,7 @@ from slimlm.pruning.movement import MovementConfig
 from slimlm.training import data as TD
 from slimlm.training.config import TrainConfig
 
-from conftest import TEXT, random_windows, tiny_model
+from conftest import TEXT, StopAt, random_windows, tiny_model
 
 
 def windows_data(steps: int, batch: int = 2, seqlen: int = 32):
@@ -76,23 +76,8 @@ def test_movement_reaches_its_sparsity_resumes_exactly_and_saves_a_sparse_model(
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
 
-    class Interrupt:
-        def __init__(self, data, at):
-            self.data, self.at = data, at
-
-        def __len__(self):
-            return len(self.data)
-
-        def batch(self, i):
-            if i == self.at:
-                raise KeyboardInterrupt
-            return self.data.batch(i)
-
-        def describe(self):
-            return self.data.describe()
-
     with pytest.raises(Interrupted):
-        api.train(tiny_model("llama"), config, Interrupt(windows_data(8), 6), cfg, output=tmp_path / "b",
+        api.train(tiny_model("llama"), config, StopAt(windows_data(8), 6), cfg, output=tmp_path / "b",
                   progress=False)
     api.train(tiny_model("llama"), config, windows_data(8), cfg, output=tmp_path / "b", resume=True,
               progress=False)

@@ -20,7 +20,7 @@ from slimlm.errors import SlimlmError
 from slimlm.training import data as TD
 from slimlm.training.config import TrainConfig
 
-from conftest import TEXT, random_windows, tiny_model
+from conftest import TEXT, StopAt, random_windows, tiny_model
 
 ENV = {**os.environ, "SLIMLM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -220,23 +220,6 @@ def test_training_allocator_env(tmp_path, monkeypatch):
     assert H.training_allocator_env({"SLIMLM_TCMALLOC": str(lib)}) is None
 
 
-class _StopAt:
-    """Training data that raises KeyboardInterrupt (as Ctrl-C would) when batch `at` is first asked for."""
-
-    def __init__(self, data, at: int) -> None:
-        self.data, self.at, self.fired = data, at, False
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def batch(self, i: int):
-        if i == self.at and not self.fired:
-            self.fired = True
-            raise KeyboardInterrupt
-        return self.data.batch(i)
-
-    def describe(self) -> dict:
-        return self.data.describe()
 
 
 def test_adamw8bit_state_is_checkpointed_and_resumed_exactly(tmp_path):
@@ -246,7 +229,7 @@ def test_adamw8bit_state_is_checkpointed_and_resumed_exactly(tmp_path):
     cfg = TrainConfig(steps=6, seqlen=32, batch_size=2, lr=1e-3, optimizer="adamw8bit")
     api.train(tiny_model("llama"), FullConfig(), windows_data(6, 2), cfg, output=tmp_path / "whole", progress=False)
     with pytest.raises(Interrupted):
-        api.train(tiny_model("llama"), FullConfig(), _StopAt(windows_data(6, 2), 3), cfg, output=tmp_path / "cut",
+        api.train(tiny_model("llama"), FullConfig(), StopAt(windows_data(6, 2), 3), cfg, output=tmp_path / "cut",
                   progress=False)
     ck = tmp_path / "cut.partial" / "checkpoint"
     from safetensors.torch import load_file

@@ -19,7 +19,7 @@ from slimlm.quant.qat import FakeQuantLinear
 from slimlm.training import data as TD
 from slimlm.training.config import TrainConfig
 
-from conftest import random_windows, tiny_model
+from conftest import StopAt, random_windows, tiny_model
 
 
 def windows_data(steps: int, batch: int = 2, seqlen: int = 32):
@@ -106,23 +106,8 @@ def test_layerdrop_trains_resumes_exactly_and_saves_a_plain_model(arch, tmp_path
     api.train(trained, LayerDropConfig(layerdrop=0.5), windows_data(6), cfg, output=tmp_path / "a", progress=False)
 
 
-    class Killing:
-        def __init__(self, data, at):
-            self.data, self.at = data, at
-
-        def __len__(self):
-            return len(self.data)
-
-        def batch(self, i):
-            if i == self.at:
-                raise KeyboardInterrupt
-            return self.data.batch(i)
-
-        def describe(self):
-            return self.data.describe()
-
     with pytest.raises(Interrupted):
-        api.train(tiny_model(arch), LayerDropConfig(layerdrop=0.5), Killing(windows_data(6), 4), cfg,
+        api.train(tiny_model(arch), LayerDropConfig(layerdrop=0.5), StopAt(windows_data(6), 4), cfg,
                   output=tmp_path / "b", progress=False)
     api.train(tiny_model(arch), LayerDropConfig(layerdrop=0.5), windows_data(6), cfg, output=tmp_path / "b",
               resume=True, progress=False)

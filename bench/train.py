@@ -34,7 +34,9 @@ TRAIN_TEXTS = ("austen_sensesensibility.txt", "austen_emma.txt", "austen_mansfie
 BATCH, SEQLEN, STEPS = 4, 512, 200
 R, ALPHA = 16, 32
 LR = {"lora": 1e-3, "full": 5e-5, "prompt": 1e-2, "ptuning": 1e-3, "prefix": 1e-3, "ptuning-v2": 1e-2,
-      "qat": 5e-5, "movement": 5e-5, "layerdrop": 5e-5}
+      "qat": 5e-5, "movement": 5e-5, "layerdrop": 5e-5, "gum": 5e-5,
+      "intrinsic": 1e-3}
+INTRINSIC_DIMS = (100, 1000, 10000, 30000, 100000)     # the d sweep (d90 from these, beside full and LoRA)
 VIRTUAL, ENC_HIDDEN = 20, 576          # prompt methods: virtual tokens; P-tuning / prefix MLP width (the model's)
 
 # case -> (base folder under WORK or "fp32", slimlm method options, the peer's mode or None)
@@ -62,6 +64,12 @@ CASES = {
     "movement_90": ("fp32", {"method": "movement", "sparsity": "0.9"}, None),
     "magnitude_90_ft": ("magnitude_90", {"method": "full"}, None),
     "layerdrop": ("fp32", {"method": "layerdrop", "layerdrop": 0.2}, None),
+    # structured: 20% of the MLP neurons removed, the same fine-tuning budget (GUM prunes while it fine-tunes)
+    **{f"intrinsic_d{d}": ("fp32", {"method": "intrinsic", "dim": d}, None) for d in INTRINSIC_DIMS},
+    "gum_20": ("fp32", {"method": "gum", "ratio": 0.2}, None),
+    "movement_struct20": ("fp32", {"method": "gum", "ratio": 0.2, "uniqueness": 0.0, "selection": "layer"}, None),
+    "magnitude_struct20_ft": ("magstruct_20", {"method": "full"}, None),
+    "activation_struct20_ft": ("actstruct_20", {"method": "full"}, None),
     # compress, then prompt: a soft prompt on the compressed model trained towards the fp32 model (KL)
     "prompt_recover_gptq3": ("gptq_w3g64", {"method": "prompt", "num_virtual_tokens": VIRTUAL,
                                             "prompt_teacher": "fp32"}, None),
@@ -76,6 +84,11 @@ BASES = {   # folder -> slimlm command that makes it from the default model
     "magnitude_70": ["prune", "--method", "magnitude", "--sparsity", "0.7"],
     "magnitude_90": ["prune", "--method", "magnitude", "--sparsity", "0.9"],
     "sparsegpt_50": ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
+    # 20% of the MLP neurons (307 of 1536 in each of the 30 layers; no heads): 307 * 3 * 576 * 30 / 134,515,008
+    "magstruct_20": ["prune", "--method", "structured", "--importance", "magnitude", "--ratio", "0.1183",
+                     "--head-fraction", "0"],
+    "actstruct_20": ["prune", "--method", "structured", "--importance", "activation", "--ratio", "0.1183",
+                     "--head-fraction", "0"],
 }
 
 

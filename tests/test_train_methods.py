@@ -142,8 +142,76 @@ def test_qat_continues_from_a_packed_gptq_model_on_its_own_grid(tmp_path):
     assert all(m.weight.grad is not None for m in fakes.values())
 
 
-def test_qat_refuses_an_awq_base():
+def _fake_weights(model) -> dict:
+    return {n: m.quant_result().dequantize() for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def test_qat_continues_from_an_awq_model_with_its_input_scales(tmp_path):
+    from slimlm.adapt.methods import TrainContext, prepare_qat_method
+    from slimlm.quant.qat import convert_qat
+    from slimlm.quant.scaled import ScaledQuantLinear
+
     model = tiny_model("llama")
     slimlm.quantize(model, slimlm.AWQConfig(bits=4, group_size=32), data=random_windows(4, 32))
-    with pytest.raises(ConfigError, match="AWQ"):
-        api.train(model, QATConfig(), windows_data(2), TrainConfig(steps=2, seqlen=32, batch_size=2), progress=False)
+    scaled = {n for n, m in model.named_modules() if isinstance(m, ScaledQuantLinear)}
+    assert scaled                                   # the case that needs the input scale (after the activation)
+    x = random_windows(2, 12, seed=6)
+    packed = {n: m.dequantize_weight(torch.float32) for n, m in model.named_modules() if n in runtime_modules(model)}
+    before = logits(model, x)
+    prepare_qat_method(model, QATConfig(), TrainContext())
+    for name, w in _fake_weights(model).items():     # step 0 is exactly the AWQ model: its codes on its grid
+        torch.testing.assert_close(w, packed[name], atol=0, rtol=0)
+    fake0 = logits(model, x)
+    assert (fake0 - before).pow(2).mean() / before.pow(2).mean() < 1e-3
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FakeQuantLinear):
+                m.weight.add_(0.02 * torch.randn_like(m.weight))
+    moved, fake_w = logits(model, x), _fake_weights(model)
+    convert_qat(model)
+    mods = dict(model.named_modules())
+    assert {n for n, m in mods.items() if isinstance(m, ScaledQuantLinear)} == scaled
+    for name, w in fake_w.items():
+        torch.testing.assert_close(mods[name].dequantize_weight(torch.float32), w, atol=0, rtol=0)
+    after = logits(model, x)
+    assert (after - moved).pow(2).mean() / moved.pow(2).mean() < 1e-3
+    assert (moved - fake0).abs().max() > 1e-3       # the weights did move
+
+
+def test_lora_inside_the_rounding_trains_only_the_update_and_saves_what_it_computed(tmp_path):
+    model = tiny_model("llama")
+    slimlm.quantize(model, slimlm.GPTQConfig(bits=3, group_size=32), data=random_windows(4, 32))
+    packed = {n: m.dequantize_weight(torch.float32) for n, m in model.named_modules() if n in runtime_modules(model)}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(steps=4, seqlen=32, batch_size=2, lr=1e-2)
+    from slimlm.adapt.methods import TrainContext, prepare_qat_method
+
+    probe = tiny_model("llama")
+    slimlm.quantize(probe, slimlm.GPTQConfig(bits=3, group_size=32), data=random_windows(4, 32))
+    plan = prepare_qat_method(probe, QATConfig(lora_r=4, lora_alpha=8), TrainContext())
+    assert plan.info["adapted_layers"] == len(packed)
+    assert set(plan.params) == {f"{n}.lora_{k}" for n in packed for k in "AB"}
+    assert all(not p.requires_grad for n, p in probe.named_parameters() if "lora_" not in n)
+    for name, w in _fake_weights(probe).items():     # B = 0: step 0 is the GPTQ model
+        torch.testing.assert_close(w, packed[name], atol=0, rtol=0)
+
+    report = api.train(model, QATConfig(lora_r=4, lora_alpha=8), windows_data(4), cfg, output=tmp_path / "q",
+                       progress=False)
+    assert report["trainable_parameters"] == sum(p.numel() for p in plan.params.values())
+    assert runtime_modules(model) and not any(isinstance(m, FakeQuantLinear) for m in model.modules())
+    changed = [n for n, m in model.named_modules() if n in packed
+               and not torch.equal(m.dequantize_weight(torch.float32), packed[n])]
+    assert changed                                  # the update moved codes
+    for n, p in model.named_parameters():           # nothing outside the packed layers trained
+        if n in frozen:
+            torch.testing.assert_close(p, frozen[n], atol=0, rtol=0)
+    loaded = slimlm.load_model(str(tmp_path / "q"))
+    x = random_windows(2, 12, seed=1)
+    torch.testing.assert_close(logits(loaded, x), logits(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_qat_lora_bad_settings():
+    with pytest.raises(ConfigError, match="lora-r"):
+        QATConfig(lora_r=-1)
+    with pytest.raises(ConfigError, match="lora-alpha"):
+        QATConfig(lora_r=4, lora_alpha=0)

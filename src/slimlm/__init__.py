@@ -20,6 +20,7 @@ _CONFIGS = {
     "slimlm.adapt.bottleneck": ("BottleneckConfig",),
     "slimlm.adapt.intrinsic": ("IntrinsicConfig",),
     "slimlm.pruning.movement": ("MovementConfig",),
+    "slimlm.pruning.gum": ("GumConfig",),
     "slimlm.training.config": ("TrainConfig",),
 }
 

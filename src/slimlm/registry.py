@@ -222,5 +222,5 @@ def _train_options() -> frozenset[str]:
         "threads", "trust_remote_code", "prompt_field", "response_field", "messages_field", "truncate"})
 
 
-register_family(Family("train", ("slimlm.adapt.methods", "slimlm.pruning.movement"), "train", "trained",
+register_family(Family("train", ("slimlm.adapt.methods", "slimlm.pruning.movement", "slimlm.pruning.gum"), "train", "trained",
                        _train_options(), "Train a model (fine-tuning, adapters)", command="train"))

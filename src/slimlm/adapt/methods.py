@@ -220,6 +220,10 @@ class QATConfig:
     group_size: int = field(default=64, metadata={"help": "qat: input columns sharing one scale (-1: per "
                                                           "output channel)"})
     symmetric: bool = field(default=False, metadata={"help": "qat: symmetric grid (zero point fixed)"})
+    lora_r: int = field(default=0, metadata={
+        "help": "qat: 0 trains the full weights; r > 0 freezes them and trains a rank-r update B A inside the "
+                "rounding (LoRA on the fake-quantized base), saved merged and packed"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "qat: the update is scaled by lora_alpha / lora_r"})
 
     def rtn(self):
         from ..quant.configs import RTNConfig
@@ -227,20 +231,26 @@ class QATConfig:
 
     def __post_init__(self) -> None:
         self.rtn()                                        # the quantization config's own checks
+        if self.lora_r < 0:
+            raise ConfigError(f"--lora-r is a rank >= 1, or 0 to train the full weights (got {self.lora_r})")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha must be positive (got {self.lora_alpha})")
 
 
 @register("train", "qat", QATConfig, needs_data=True,
-          help="quantization-aware training (straight-through) from the float model (RTN grid) or from a packed "
-               "RTN/GPTQ model (its grid, its codes at step 0); saved as packed layers")
+          help="quantization-aware training (straight-through) of the full weights or of a LoRA update inside the "
+               "rounding, from the float model (RTN grid) or from a packed RTN/GPTQ/AWQ model (its grid, its codes "
+               "at step 0); saved as packed layers")
 def prepare_qat_method(model: nn.Module, config: QATConfig, ctx: TrainContext) -> TrainPlan:
     """Every target linear becomes a FakeQuantLinear (quant.qat) computing with Q(W) and passing the gradient
     straight through the rounding; the float weights (and the rest of the model) train; saving converts the
     fake-quantized layers into slimlm's packed layers, whose weights are exactly those the fake layers used.
     On a float model Q is round-to-nearest on each group's current min/max (--bits, --group-size); on a model
     slimlm quantized with RTN or GPTQ the grid stays the stored one and training starts from its codes (the
-    quantized model's own perplexity at step 0), and --bits / --group-size are the base's."""
+    quantized model's own perplexity at step 0), and --bits / --group-size are the base's (AWQ's input
+    scales stay). With --lora-r only the rank-r updates inside the rounding train (quant.qat add_lora)."""
     from ..formats.native import runtime_modules
-    from ..quant.qat import convert_qat, prepare_qat, qat_from_packed
+    from ..quant.qat import FakeQuantLinear, convert_qat, prepare_qat, qat_from_packed
 
     info = {"method": "qat", **asdict(config)}
     if runtime_modules(model):
@@ -253,9 +263,19 @@ def prepare_qat_method(model: nn.Module, config: QATConfig, ctx: TrainContext) -
         convert_qat(model)
         _save_model(model, tokenizer, folder)
 
-    plan = _plan(model, None, info)
-    plan.save = save
-    return plan
+    if not config.lora_r:
+        plan = _plan(model, None, info)
+        plan.save = save
+        return plan
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(ctx.seed)
+    params = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantLinear):
+            A, B = m.add_lora(config.lora_r, config.lora_alpha, generator=g)
+            params[f"{name}.lora_A"], params[f"{name}.lora_B"] = A, B
+    return TrainPlan(params=params, save=save, info={**info, "adapted_layers": len(params) // 2})
 
 
 @dataclass

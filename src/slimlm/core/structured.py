@@ -154,3 +154,33 @@ def plan_counts(total: int, ratio: float, n_layers: int, sizes: UnitSizes, remov
         raise ValueError(f"ratio {ratio} would remove every MLP channel of each layer "
                          f"({channels} of {sizes.n_channels})")
     return Plan(remove_layers, groups, channels)
+
+
+def neuron_redundancy(h: Tensor, keep: Tensor, eps: float = 1e-8) -> Tensor:
+    """GUM's redundancy of each MLP neuron (Santacroce et al. 2023, "What Matters In The Structured Pruning of
+    Generative Language Models?"): the cosine similarity between a neuron's activations and the sum of the
+    other kept neurons' activations over the same tokens,
+
+        A     = sum_k m_k h_k                       (N,)   the layer's kept activations summed per token
+        r_j   = cos(h_j, A - m_j h_j)               (I,)
+
+    h: (N, I) activations of the I neurons (the input of the down projection) over N tokens; keep: (I,)
+    mask m (0/1, or a straight-through mask carrying gradient). A neuron whose output the others already
+    produce has r_j near 1; a unique one near 0 (or below). Differentiable in h and keep; fp32 inside.
+    """
+    h = h.float()
+    m = keep.to(h.dtype)
+    A = h @ m                                               # (N,)
+    hA = h.t() @ A                                          # (I,) <h_j, A>
+    hh = h.pow(2).sum(0)                                    # (I,) ||h_j||^2
+    dot = hA - m * hh                                       # <h_j, A - m_j h_j>
+    rest = (A.pow(2).sum() - 2 * m * hA + m.pow(2) * hh).clamp(min=0)   # ||A - m_j h_j||^2
+    return dot / (hh.sqrt() * rest.sqrt()).clamp(min=eps)
+
+
+def uniqueness_penalty(h: Tensor, keep: Tensor) -> Tensor:
+    """GUM's regularizer for one layer: the kept neurons' mean redundancy, sum_j m_j r_j / sum_j m_j (0-d).
+    Added to the loss (times a weight), it pushes the kept neurons apart and, through a straight-through
+    mask, lowers the scores of the redundant ones so they are pruned first."""
+    m = keep.float()
+    return (m * neuron_redundancy(h, keep)).sum() / m.sum().clamp(min=1)

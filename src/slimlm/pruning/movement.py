@@ -18,7 +18,6 @@ Checkpoints hold the scores and the step, so --resume continues with the same ma
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -156,7 +155,7 @@ def _out_in(m: nn.Module, t: Tensor) -> Tensor:
 @register("train", "movement", MovementConfig, needs_data=True,
           help="movement pruning during full fine-tuning (cubic schedule, hard or soft, N:M); a sparse model")
 def prepare_movement(model: nn.Module, config: MovementConfig, ctx) -> object:
-    from ..adapt.methods import _check_float, _plan, _save_model
+    from ..adapt.methods import _check_float, _plan
 
     _check_float(model, "movement-pruning")
     if ctx.total_steps is None:
@@ -177,15 +176,14 @@ def prepare_movement(model: nn.Module, config: MovementConfig, ctx) -> object:
                 p.copy_(tensors[k])
         mv.load(tensors)
 
-    def save(model: nn.Module, tokenizer, folder: Path) -> None:
+    def finish() -> None:
         masks = mv.finish()
         model.slimlm_masks = {**(getattr(model, "slimlm_masks", None) or {}), **masks}
-        _save_model(model, tokenizer, folder)
 
     def after_step(step: int) -> None:
         mv.update(step)
 
-    plan.state, plan.load_state, plan.save, plan.after_step = state, load_state, save, after_step
+    plan.state, plan.load_state, plan.after_step, plan.finish = state, load_state, after_step, finish
     plan.info["final_sparsity"] = str(config.sparsity)
     model.__dict__["slimlm_movement"] = mv
     return plan

@@ -211,6 +211,8 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
     if cfg.checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
+    if plan.finish is not None:
+        report.update(plan.finish() or {})
     if output is not None:
         _finish(state, plan, model, tokenizer, report)
     return report

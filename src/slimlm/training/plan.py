@@ -29,6 +29,8 @@ class TrainPlan:
     save(model, tokenizer, folder): write the method's result into an existing, empty folder.
     state() / load_state(tensors): what a checkpoint holds besides the optimizer (default: params).
     after_step(step): called after each optimizer step (masks, schedules of the method's own).
+    finish(): called once after the last step, before saving, with or without an output: turns what training
+        needed (masks, hooks) into the final model in memory; returns figures for the report (or None).
     info: figures for the report (trainable parameters, ...)."""
     params: dict[str, nn.Parameter]
     save: Callable[[nn.Module, Any, Path], None]
@@ -36,6 +38,7 @@ class TrainPlan:
     state: Callable[[], dict[str, Tensor]] | None = None
     load_state: Callable[[dict[str, Tensor]], None] | None = None
     after_step: Callable[[int], None] | None = None
+    finish: Callable[[], dict | None] | None = None
     info: dict = field(default_factory=dict)
 
     def state_tensors(self) -> dict[str, Tensor]:

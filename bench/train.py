@@ -69,6 +69,7 @@ CASES = {
     "gum_20": ("fp32", {"method": "gum", "ratio": 0.2}, None),
     "movement_struct20": ("fp32", {"method": "gum", "ratio": 0.2, "uniqueness": 0.0, "selection": "layer"}, None),
     "magnitude_struct20_ft": ("magstruct_20", {"method": "full"}, None),
+    "qat_lora_gptq3": ("gptq_w3g64", {"method": "qat", "lora_r": R, "lora_alpha": ALPHA, "lr": 1e-3}, None),
     "activation_struct20_ft": ("actstruct_20", {"method": "full"}, None),
     # compress, then prompt: a soft prompt on the compressed model trained towards the fp32 model (KL)
     "prompt_recover_gptq3": ("gptq_w3g64", {"method": "prompt", "num_virtual_tokens": VIRTUAL,
@@ -551,11 +552,11 @@ def table() -> None:
             cell = [f"{b[n]:.2f} -> {a[n]:.2f}" if n in b and n in a else "" for n in P.EVAL_TEXTS]
             print(f"| {case} | {r.get('tool', 'slimlm')} | {len(r['loss'])} | {r['loss'][-1]:.4f} | {' | '.join(cell)} |")
     print()
-    for line in targets(t or f.get("time_glibc_2026-12-07T07:43", {}), q):
+    for line in targets(t or f.get("time_glibc_2026-12-07T07:43", {}), q, f.get("cut")):
         print("- " + line)
 
 
-def targets(t: dict, q: dict) -> list[str]:
+def targets(t: dict, q: dict, cut: dict | None = None) -> list[str]:
     """Each target of the training issue as a line, from the rows present."""
     out = []
     for case in ("lora_qv", "lora_all"):
@@ -600,6 +601,57 @@ def targets(t: dict, q: dict) -> list[str]:
         closed = (s[0] - s[1]) / (s[0] - lora[1]) if s[0] > lora[1] else float("nan")
         out.append(f"structured 20% + LoRA {s[0]:.2f} -> {s[1]:.2f}: closes {100 * closed:.0f}% of the gap to fp32 + LoRA "
                    f"{lora[1]:.2f} (target >= 50%)")
+    return out + targets_part2(q, cut)
+
+
+def targets_part2(q: dict, cut: dict | None) -> list[str]:
+    """The targets of "Training, part 2" from the rows present (persuasion, the training domain)."""
+    out, base = [], "persuasion"
+
+    def after(case):
+        r = q.get(case)
+        if not r or not r.get("ppl_after"):
+            return None
+        a = r["ppl_after"]
+        return a["ppl"] if "ppl" in a else a[base]           # the peer's rows: persuasion only
+    for case in ("prompt", "ptuning", "prefix", "ptuning_v2"):
+        mine, peer = after(case), after(f"{case}__peft")
+        if mine and peer:
+            out.append(f"{case}: {mine:.2f} against PEFT's {peer:.2f} (target: at or below)")
+    for case in ("qat_w3g64", "qat_from_gptq3", "qat_lora_gptq3"):
+        if after(case):
+            out.append(f"{case}: {after(case):.2f} (target below GPTQ 3-bit g64's 48.0)")
+    for s in ("50", "70", "90"):
+        mv, mg = after(f"movement_{s}"), after(f"magnitude_{s}_ft")
+        if mv and mg:
+            out.append(f"{s}% sparsity after the same fine-tuning: movement {mv:,.2f}, magnitude {mg:,.2f} "
+                       f"(target: movement lower)")
+    gum = after("gum_20")
+    rivals = {c: after(c) for c in ("movement_struct20", "magnitude_struct20_ft", "activation_struct20_ft") if after(c)}
+    if gum and rivals:
+        out.append(f"20% of the MLP neurons removed: GUM {gum:.2f}, " + ", ".join(f"{c} {v:.2f}" for c, v in rivals.items())
+                   + " (target: GUM below movement and magnitude)")
+    for keep, row in (cut or {}).items():
+        c = row.get("cases", {})
+        if "layerdrop" in c and "full" in c:
+            a, b = c["layerdrop"]["ppl_cut"][base], c["full"]["ppl_cut"][base]
+            out.append(f"cut to layers {keep}: LayerDrop-trained {a:.2f} against full fine-tuning {b:.2f} (target: lower)")
+    for case, comp in (("prompt_recover_gptq3", "gptq_w3g64"), ("prompt_recover_sparsegpt50", "sparsegpt_50")):
+        r = q.get(case)
+        if r and r.get("ppl_after") and "full" in q:
+            fp32 = q["full"]["ppl_before"][base]
+            gap = r["ppl_before"][base] - fp32
+            out.append(f"{case}: {r['ppl_before'][base]:.2f} -> {r['ppl_after'][base]:.2f}, closes "
+                       f"{100 * (r['ppl_before'][base] - r['ppl_after'][base]) / gap:.1f}% of the gap to fp32 {fp32:.2f} "
+                       f"with {r.get('trainable_parameters', 0):,} parameters (target >= 25%, <= 0.01%)")
+    full = q.get("full")
+    dims = sorted((int(c.split("_d")[1]), q[c]) for c in q if c.startswith("intrinsic_d") and q[c].get("ppl_after"))
+    if full and full.get("ppl_after") and dims:
+        best = full["ppl_before"][base] - full["ppl_after"][base]
+        gains = [(d, (r["ppl_before"][base] - r["ppl_after"][base]) / best) for d, r in dims]
+        d90 = next((d for d, g in gains if g >= 0.9), None)
+        out.append("intrinsic dimension: " + ", ".join(f"d={d:,} {100 * g:.0f}%" for d, g in gains)
+                   + f" of full fine-tuning's improvement; d90 = {f'{d90:,}' if d90 else 'beyond the sweep'}")
     return out
 
 

@@ -28,6 +28,9 @@ def hadamard(n: int) -> torch.Tensor:
 def test_fwht_equals_the_hadamard_matrix():
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(fwht(x), x @ hadamard(64).T, atol=1e-4, rtol=1e-5)
+    for n in (1, 2, 32, 2048):                               # one factor, several, and a smaller last one
+        y = torch.randn(2, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        torch.testing.assert_close(fwht(y), y @ hadamard(n).T.double(), atol=1e-8, rtol=1e-10)
     with pytest.raises(ValueError):
         fwht(torch.zeros(6))
 
@@ -44,6 +47,10 @@ def test_fastfood_is_the_documented_linear_map_with_the_dense_scale():
     torch.testing.assert_close(ff.dense(), ref, atol=1e-4, rtol=1e-4)
     x = torch.randn(5, generator=g)
     torch.testing.assert_close(ff(x), ref @ x, atol=1e-4, rtol=1e-4)
+    xg = x.clone().requires_grad_()                          # the gradient is P^T g (the permutation's backward)
+    w = torch.randn(100, generator=g)
+    (ff(xg) * w).sum().backward()
+    torch.testing.assert_close(xg.grad, ref.T @ w, atol=1e-4, rtol=1e-4)
     big = Fastfood(8, 4096, torch.Generator().manual_seed(2)).dense()
     assert big.var(dim=0).mean().item() == pytest.approx(1 / 4096, rel=0.1)   # entries ~ N(0, 1/D)
 

@@ -636,7 +636,7 @@ def targets_part2(q: dict, cut: dict | None) -> list[str]:
         if "layerdrop" in c and "full" in c:
             a, b = c["layerdrop"]["ppl_cut"][base], c["full"]["ppl_cut"][base]
             out.append(f"cut to layers {keep}: LayerDrop-trained {a:.2f} against full fine-tuning {b:.2f} (target: lower)")
-    for case, comp in (("prompt_recover_gptq3", "gptq_w3g64"), ("prompt_recover_sparsegpt50", "sparsegpt_50")):
+    for case in ("prompt_recover_gptq3", "prompt_recover_sparsegpt50"):
         r = q.get(case)
         if r and r.get("ppl_after") and "full" in q:
             fp32 = q["full"]["ppl_before"][base]

@@ -25,7 +25,6 @@ import math
 import torch
 from torch import Tensor
 
-
 _BLOCK = 32            # the Hadamard factor applied by one matrix product (measured fastest of 32/128/256)
 
 

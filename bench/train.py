@@ -65,7 +65,11 @@ CASES = {
     "magnitude_90_ft": ("magnitude_90", {"method": "full"}, None),
     "layerdrop": ("fp32", {"method": "layerdrop", "layerdrop": 0.2}, None),
     # structured: 20% of the MLP neurons removed, the same fine-tuning budget (GUM prunes while it fine-tunes)
-    **{f"intrinsic_d{d}": ("fp32", {"method": "intrinsic", "dim": d}, None) for d in INTRINSIC_DIMS},
+    # Adam moves each of the d coordinates by about lr a step, so a weight moves by about lr * sqrt(d / D_i)
+    # (P's entries have variance 1/D_i): lr = 0.1 / sqrt(d) keeps an MLP weight's step (D_i = 884,736) near
+    # 1e-4, twice full fine-tuning's, at every d (lr 1e-2 at d = 1000 raised the loss from 3.52 to 5.61 in a step)
+    **{f"intrinsic_d{d}": ("fp32", {"method": "intrinsic", "dim": d, "lr": float(f"{0.1 / d ** 0.5:.1e}")}, None)
+       for d in INTRINSIC_DIMS},
     "gum_20": ("fp32", {"method": "gum", "ratio": 0.2}, None),
     "movement_struct20": ("fp32", {"method": "gum", "ratio": 0.2, "uniqueness": 0.0, "selection": "layer"}, None),
     "magnitude_struct20_ft": ("magstruct_20", {"method": "full"}, None),

@@ -21,11 +21,12 @@ _CONFIGS = {
     "slimlm.adapt.intrinsic": ("IntrinsicConfig",),
     "slimlm.pruning.movement": ("MovementConfig",),
     "slimlm.pruning.gum": ("GumConfig",),
+    "slimlm.distill.method": ("DistillConfig",),
     "slimlm.training.config": ("TrainConfig",),
 }
 
 __all__ = ["__version__", "load_model", "load_tokenizer", "save_model", "evaluate", "quantize", "prune",
-           "export", "train", "merge", "calibration_data", "run_tasks", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
+           "export", "train", "distill", "merge", "calibration_data", "run_tasks", "SlimlmError", *[c for names in _CONFIGS.values() for c in names]]
 
 
 
@@ -34,7 +35,7 @@ def __getattr__(name: str):
     if name in ("load_model", "load_tokenizer", "save_model"):
         from . import models
         return getattr(models, name)
-    if name in ("evaluate", "quantize", "prune", "export", "train", "merge", "calibration_data"):
+    if name in ("evaluate", "quantize", "prune", "export", "train", "distill", "merge", "calibration_data"):
         from . import api
         return getattr(api, name)
     if name == "run_tasks":                 # lm-eval's tasks on a model in memory (pip install 'slimlm[eval]')

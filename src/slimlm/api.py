@@ -173,22 +173,64 @@ def train(model: nn.Module, config: Any, data, train_config: Any = None, *, toke
     checkpoints live in OUTPUT.partial/ meanwhile, and resume=True continues from the last one. `eval_data`:
     (n, L) token windows whose perplexity is measured before and after (and every eval_every steps).
     Returns the run's report. Runs data-parallel when launched by torchrun or accelerate."""
+    return _train("train", model, config, data, train_config, tokenizer=tokenizer, output=output, eval_data=eval_data,
+                  resume=resume, progress=progress, model_ref=model_ref)
+
+
+def distill(teacher: nn.Module, student: nn.Module | str, config: Any = None, data=None, train_config: Any = None, *,
+            tokenizer=None, output: str | os.PathLike | None = None, eval_data: Tensor | None = None,
+            resume: bool = False, progress: bool = True, teacher_ref: str | None = None,
+            student_init: str = "pretrained") -> dict:
+    """Distill `teacher` into `student` (a model, or a spec built from the teacher: "layers:every-2",
+    "layers:first-N", "layers:last-N", "layers:0,3,5") with a DistillConfig (default DistillConfig()) on
+    `data` (as train() takes it); the student trains, the teacher stays frozen. With `output`, the student is
+    saved there as a model folder (with metrics.jsonl) when the run completes; `resume` continues from
+    OUTPUT.partial. Returns the run's report; the trained student is report["student"] as well when it was
+    built from a spec."""
+    from .distill.method import DistillConfig
+    from .distill.students import build_student, is_spec
+
+    config = config if config is not None else DistillConfig()
+    built = isinstance(student, str)
+    if built:
+        if not is_spec(student):
+            raise SlimlmError(f"student {student!r}: pass a model, or a spec like layers:every-2")
+        student = build_student(teacher, student, student_init, seed=getattr(train_config, "seed", 0))
+    elif student_init != "pretrained":
+        raise SlimlmError("student_init applies to a student built from the teacher (a layers:... spec)")
+    if teacher_ref is None:
+        teacher_ref = getattr(teacher, "slimlm_ref", None)
+    report = _train("distill", student, config, data, train_config, tokenizer=tokenizer, output=output,
+                    eval_data=eval_data, resume=resume, progress=progress, model_ref=getattr(student, "slimlm_ref", None),
+                    teacher=teacher, teacher_ref=teacher_ref)
+    if built:
+        report["student"] = student
+    return report
+
+
+def _train(family: str, model: nn.Module, config: Any, data, train_config: Any, *, tokenizer, output, eval_data,
+           resume: bool, progress: bool, model_ref: str | None, teacher: nn.Module | None = None,
+           teacher_ref: str | None = None) -> dict:
     from .adapt.methods import TrainContext
     from .training.config import TrainConfig
     from .training.dist import Dist
     from .training.loop import train as run_loop
 
     cfg = train_config or TrainConfig()
-    method = _method_for("train", config)
+    method = _method_for(family, config)
     if model_ref is None:
         model_ref = getattr(model, "slimlm_ref", None)
     dist = Dist.from_env(str(model_device(model)))
     try:
         plan = method.apply(model, config, TrainContext(tokenizer=tokenizer, model_ref=model_ref, seed=cfg.seed,
-                                                       seqlen=cfg.seqlen, total_steps=cfg.total_steps(dist.world)))
+                                                       seqlen=cfg.seqlen, total_steps=cfg.total_steps(dist.world),
+                                                       teacher=teacher))
         import dataclasses
         run = {"model": model_ref, "method": method.name, "method_config": dataclasses.asdict(config),
                "data": getattr(data, "describe", lambda: None)()}
+        if teacher is not None:
+            run["teacher"] = teacher_ref
+            run["student_layers_from_teacher"] = getattr(model, "slimlm_teacher_layers", None)
         return run_loop(model, plan, data, cfg, output=Path(output) if output is not None else None,
                         tokenizer=tokenizer, eval_windows=eval_data, resume=resume, run=run, progress=progress,
                         dist=dist)

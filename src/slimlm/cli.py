@@ -513,9 +513,21 @@ def _train_command(family: str):
     def run(**kw):
         _run_train(family, kw, sorted(fields), train_fields)
 
+    distilling = fam.command == "distill"
+    if distilling:
+        lead = [click.Option(["--teacher"], default="smollm2-135m", show_default=True,
+                             help="the teacher: " + MODEL_HELP + " (quantized models too)"),
+                click.Option(["--student"], required=True, help="the student: layers:every-K, layers:first-N, "
+                             "layers:last-N or layers:i,j,... (built from the teacher), or a model reference with "
+                             "the teacher's tokenizer (a structured-pruned folder, a smaller model)"),
+                click.Option(["--student-init"], default="pretrained", show_default=True,
+                             help="a student built from the teacher starts from its weights (pretrained) or from "
+                             "the architecture's random initialisation (random)")]
+    else:
+        lead = [click.Option(["--model", "model_ref"], default="smollm2-135m", show_default=True, help=MODEL_HELP),
+                click.Option(["--method"], required=True, type=click.Choice(sorted(table)), help="the method")]
     params = [
-        click.Option(["--model", "model_ref"], default="smollm2-135m", show_default=True, help=MODEL_HELP),
-        click.Option(["--method"], required=True, type=click.Choice(sorted(table)), help="the method"),
+        *lead,
         click.Option(["--data"], required=True, help="training data: text sources joined in order (comma-"
                      "separated: a .txt, .jsonl with --field, .parquet, python-docs), or an instruction .jsonl "
                      "({prompt, response} or chat {messages}; loss on the responses only)"),
@@ -545,8 +557,11 @@ def _train_command(family: str):
         scope = "" if len(users) == len(table) else f" [{', '.join(users)}]"
         params.append(click.Option([option_name(fname), fname], default=None, help=help_ + scope))
     methods = ", ".join(f"{n} ({m.help})" if m.help else n for n, m in sorted(table.items()))
+    if distilling:
+        methods = table["distill"].help
     return click.Command(family, callback=run, params=params, help=f"{fam.help}: {methods}. Several processes: "
-                         "`torchrun --nproc-per-node N -m slimlm train ...` or `accelerate launch -m slimlm train ...`")
+                         f"`torchrun --nproc-per-node N -m slimlm {family} ...` or `accelerate launch -m slimlm "
+                         f"{family} ...`")
 
 
 def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list[str]) -> None:
@@ -564,11 +579,34 @@ def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list
         io.check_output_dir(out, kw["overwrite"])
     elif not out.parent.exists():
         raise SlimlmError(f"the parent folder of {out} does not exist")
-    method = registry.get(family, kw["method"])
+    distilling = family == "distill"
+    method = registry.get(family, "distill" if distilling else kw["method"])
     config = build_config(method.config_cls, {f: kw.get(f) for f in field_names}, method.name)
     cfg = build_config(TrainConfig, {f: kw.get(f) for f in train_fields}, "train")
-    model = models.load_model(kw["model_ref"], dtype=dtype, device=device, trust_remote_code=kw["trust_remote_code"])
-    tok = models.load_tokenizer(kw["model_ref"], trust_remote_code=kw["trust_remote_code"])
+    trc = kw["trust_remote_code"]
+    if distilling:
+        from .distill.students import is_spec
+        kw["model_ref"] = kw["teacher"]
+        if kw["student_init"] not in ("pretrained", "random"):
+            raise SlimlmError(f"--student-init takes pretrained or random, not {kw['student_init']!r}")
+        if not is_spec(kw["student"]) and kw["student_init"] != "pretrained":
+            raise SlimlmError("--student-init random applies to a student built from the teacher (layers:...)")
+    model = models.load_model(kw["model_ref"], dtype=dtype, device=device, trust_remote_code=trc)
+    tok = models.load_tokenizer(kw["model_ref"], trust_remote_code=trc)
+    teacher = None
+    if distilling:
+        teacher = model
+        if is_spec(kw["student"]):
+            from .distill.students import build_student
+            model = build_student(teacher, kw["student"], kw["student_init"], seed=cfg.seed)
+        else:
+            model = models.load_model(kw["student"], dtype=dtype, device=device, trust_remote_code=trc)
+            s_tok = models.load_tokenizer(kw["student"], trust_remote_code=trc)
+            if s_tok.get_vocab() != tok.get_vocab():
+                raise SlimlmError(f"the teacher's tokenizer ({kw['teacher']}: {len(tok)} tokens) and the student's "
+                                  f"({kw['student']}: {len(s_tok)} tokens) differ; white-box distillation needs the "
+                                  "same vocabulary: use black-box distillation (slimlm generate, then slimlm train "
+                                  "on the generations)")
     world = int(os.environ.get("WORLD_SIZE", "1"))        # torchrun / accelerate launch
     steps = cfg.total_steps(world)
     data = _train_data(TD, tok, kw, cfg, steps * cfg.grad_accum * world)
@@ -577,11 +615,16 @@ def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list
         from . import data as D
         eval_windows = D.eval_windows(D.tokenize(tok, D.load_text(kw["eval_data"])), cfg.seqlen, cfg.eval_windows)
     t0 = time.perf_counter()
-    report = api.train(model, config, data, cfg, tokenizer=tok, output=out, eval_data=eval_windows,
-                       resume=kw["resume"], model_ref=kw["model_ref"])
+    if distilling:
+        report = api.distill(teacher, model, config, data, cfg, tokenizer=tok, output=out, eval_data=eval_windows,
+                             resume=kw["resume"], teacher_ref=kw["teacher"])
+        what = f"distilled {kw['teacher']} into {kw['student']}"
+    else:
+        report = api.train(model, config, data, cfg, tokenizer=tok, output=out, eval_data=eval_windows,
+                           resume=kw["resume"], model_ref=kw["model_ref"])
+        what = f"trained {kw['model_ref']} with {method.name}"
     if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"trained {kw['model_ref']} with {method.name} for {report['steps']} steps in "
-                   f"{time.perf_counter() - t0:.1f} s -> {out}")
+        click.echo(f"{what} for {report['steps']} steps in {time.perf_counter() - t0:.1f} s -> {out}")
         for k in ("trainable_parameters", "final_loss", "eval_perplexity_before", "eval_perplexity_after",
                   "step_seconds_median", "tokens_per_s", "peak_rss_mb"):
             if report.get(k) is not None:
@@ -618,7 +661,7 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx, name):
         fams = self._families()
         if name in fams:
-            return (_train_command if fams[name].command == "train" else _family_command)(name)
+            return (_train_command if fams[name].command in ("train", "distill") else _family_command)(name)
         return super().get_command(ctx, name)
 
 
@@ -636,7 +679,7 @@ def _switch_allocator(args: list[str]) -> None:
     command = next((a for a in args if not a.startswith("-")), None)
     from . import registry
     fam = registry.families().get(command or "")
-    if fam is None or fam.command != "train" or not sys.executable:
+    if fam is None or fam.command not in ("train", "distill") or not sys.executable:
         return
     from .hardware import training_allocator_env
     env = training_allocator_env()

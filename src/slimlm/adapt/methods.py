@@ -33,6 +33,7 @@ class TrainContext:
     seed: int = 0
     seqlen: int | None = None
     total_steps: int | None = None
+    teacher: nn.Module | None = None          # distillation: the frozen teacher
 
 
 @dataclass

@@ -1,0 +1,227 @@
+"""Distillation as a method of the training loop: the student is the model the loop trains; the loss of a
+batch also reads a frozen teacher (slimlm.core.distill holds the losses).
+
+    L = alpha T^2 D(p_t || p_s)                   logits at temperature T (D: forward KL, reverse KL, GJSD)
+      + (1 - alpha) CE(student, labels)           the hard loss (alpha = 0: cross-entropy only)
+      + hidden_weight * mean over mapped layers of MSE or 1 - cos between hidden states
+      + attention_weight * (MiniLM: last layer attention KL + value-relation KL;
+                            TinyBERT: attention-score MSE over the mapped layers)
+
+every term summed over the positions with a target and divided by their number. The logit terms run over
+chunks of positions (core.losses.chunked_head_divergence): neither model's (positions x vocabulary) logits are
+ever held whole. Where the widths differ, a learned linear projection maps the student's hidden states to the
+teacher's (trained with the student, not saved). The teacher may be any model slimlm loads, quantized ones
+included; its forward runs without gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..core import distill as KD
+from ..core.losses import chunked_head_divergence, chunked_linear_cross_entropy
+from ..errors import ConfigError
+from ..registry import register
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
+
+
+@dataclass
+class DistillConfig:
+    loss: str = field(default="forward_kl", metadata={
+        "help": "logit loss: forward_kl (Hinton's soft targets), reverse_kl (MiniLLM), jsd (GKD's generalized "
+                "JSD, --beta), or ce (cross-entropy with the labels only: the baseline)"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature T of both models (loss x T^2)"})
+    alpha: float = field(default=0.5, metadata={
+        "help": "weight of the distillation loss, 1 - alpha on the cross-entropy with the labels (0.25 is the "
+                "Switch Transformer's 75% hard, 25% soft)"})
+    beta: float = field(default=0.5, metadata={"help": "jsd: 0 = forward KL, 1 = reverse KL, 0.5 symmetric"})
+    hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state loss (0: off)"})
+    hidden_loss: str = field(default="cosine", metadata={"help": "hidden-state loss: cosine (DistilBERT) or mse"})
+    layer_map: str = field(default="skip", metadata={
+        "help": "student:teacher layers for hidden states and TinyBERT attention: skip (Patient-KD-Skip), last "
+                "(Patient-KD-Last) or an explicit list like 0:1,1:3"})
+    attention_weight: float = field(default=0.0, metadata={"help": "weight of the attention loss (0: off)"})
+    attention_loss: str = field(default="minilm", metadata={
+        "help": "minilm (last layer: attention distributions and value relations) or tinybert (attention-score "
+                "MSE over the mapped layers)"})
+    relation_heads: int = field(default=0, metadata={
+        "help": "minilm: relation heads of the value relation (0: the student's attention heads)"})
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss takes {', '.join(LOSSES)}, not {self.loss!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be > 0 (got {self.temperature})")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"--alpha must be in [0, 1] (got {self.alpha})")
+        if not 0 <= self.beta <= 1:
+            raise ConfigError(f"--beta must be in [0, 1] (got {self.beta})")
+        if self.hidden_weight < 0 or self.attention_weight < 0:
+            raise ConfigError("--hidden-weight and --attention-weight must be >= 0")
+        if self.hidden_loss not in ("cosine", "mse"):
+            raise ConfigError(f"--hidden-loss takes cosine or mse, not {self.hidden_loss!r}")
+        if self.attention_loss not in ("minilm", "tinybert"):
+            raise ConfigError(f"--attention-loss takes minilm or tinybert, not {self.attention_loss!r}")
+        if self.relation_heads < 0:
+            raise ConfigError(f"--relation-heads must be >= 0 (got {self.relation_heads})")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.base_model if getattr(model, "base_model", None) is not model else model
+
+
+def _head(model: nn.Module):
+    from ..training.plan import _plain_head
+    return _plain_head(model)
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    from ..calibration.common import find_blocks
+    return find_blocks(model)[1]
+
+
+def _value_proj(model: nn.Module) -> nn.Module:
+    last = _blocks(model)[-1]
+    for name, m in last.named_modules():
+        if name.endswith("v_proj") and isinstance(m, nn.Module):
+            return m
+    raise ConfigError(f"MiniLM's value relation needs a separate v_proj in {type(model).__name__}'s attention; "
+                      "use --attention-loss tinybert")
+
+
+def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer=None) -> int:
+    """The number of logits compared: the student's vocabulary rows. The teacher may have more rows only as
+    padding beyond the tokenizer's vocabulary (dropped); otherwise ConfigError naming both."""
+    vs = student.get_output_embeddings().weight.shape[0]
+    vt = teacher.get_output_embeddings().weight.shape[0]
+    if vs == vt:
+        return vs
+    real = len(tokenizer) if tokenizer is not None else None
+    if vt > vs and real is not None and real <= vs:
+        return vs
+    raise ConfigError(f"the teacher's vocabulary has {vt} tokens and the student's {vs}"
+                      + (f" (tokenizer: {real})" if real is not None else "")
+                      + "; white-box distillation compares logits token by token: use a student with the teacher's "
+                      "tokenizer, or black-box distillation (slimlm generate, then train on the generations)")
+
+
+class _Values:
+    """Forward hook keeping the last output of a v_proj."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.out: Tensor | None = None
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, out) -> None:
+        self.out = out
+
+
+@register("distill", "distill", DistillConfig, needs_data=True,
+          help="white-box distillation from a teacher: logits, hidden states, attention")
+def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
+    from ..adapt.methods import _check_float, _plan
+
+    teacher = getattr(ctx, "teacher", None)
+    if teacher is None:
+        raise ConfigError("distillation needs a teacher: slimlm.distill(teacher, student, config, data) or "
+                          "slimlm distill --teacher REF")
+    _check_float(model, "distillation (the student)")
+    device = next(model.parameters()).device
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    vocab = check_vocabularies(model, teacher, ctx.tokenizer)
+    n_s, n_t = len(_blocks(model)), len(_blocks(teacher))
+    need_pairs = config.hidden_weight > 0 or (config.attention_weight > 0 and config.attention_loss == "tinybert")
+    try:
+        pairs = KD.layer_map(config.layer_map, n_s, n_t) if need_pairs else []
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    attn = config.attention_weight > 0
+    values = None
+    if attn:
+        for m in (model, teacher):
+            m.set_attn_implementation("eager")       # the attention probabilities are returned by eager only
+        if config.attention_loss == "minilm":
+            values = (_Values(_value_proj(model)), _Values(_value_proj(teacher)))
+        heads_s = model.config.get_text_config().num_attention_heads
+        heads_t = teacher.config.get_text_config().num_attention_heads
+        if config.attention_loss == "tinybert" and heads_s != heads_t:
+            raise ConfigError(f"TinyBERT's attention loss compares head by head: the student has {heads_s} heads, "
+                              f"the teacher {heads_t}; use --attention-loss minilm")
+    rel_heads = config.relation_heads or model.config.get_text_config().num_attention_heads
+
+    plan = _plan(model, None, {"method": "distill", **asdict(config), "student_layers": n_s, "teacher_layers": n_t,
+                               "layer_pairs": pairs})
+    w_s, w_t = model.config.get_text_config().hidden_size, teacher.config.get_text_config().hidden_size
+    projections = nn.ModuleList()
+    if config.hidden_weight > 0 and w_s != w_t:
+        g = torch.Generator().manual_seed(ctx.seed)
+        for _ in pairs:
+            lin = nn.Linear(w_s, w_t, bias=False, device=device)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(w_t, w_s, generator=g) / w_s ** 0.5)
+            projections.append(lin)
+        for i, lin in enumerate(projections):
+            plan.params[f"distill.projection.{i}.weight"] = lin.weight
+    model.__dict__["slimlm_distill_projections"] = projections       # not a submodule: never saved
+    divergence = None if config.loss == "ce" else KD.divergence(config.loss, temperature=config.temperature,
+                                                                  beta=config.beta)
+    soft = 0.0 if config.loss == "ce" else config.alpha
+    hard = 1.0 if config.loss == "ce" else 1 - config.alpha
+    head_s, head_t = _head(model), _head(teacher)
+
+    def loss(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+        labels = batch["labels"]
+        keep = labels != -100
+        count = keep.sum()
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False,
+              "output_hidden_states": bool(pairs and config.hidden_weight > 0), "output_attentions": attn}
+        with torch.no_grad():
+            t_out = _base(teacher)(**kw) if head_t is not None and head_s is not None else teacher(**kw)
+        s_out = _base(model)(**kw) if head_t is not None and head_s is not None else model(**kw)
+        total = torch.zeros((), device=labels.device)
+        flat_keep = keep.reshape(-1)
+        if head_s is not None and head_t is not None:
+            h_s = s_out.last_hidden_state.reshape(-1, s_out.last_hidden_state.shape[-1])
+            if hard:
+                total = total + hard * chunked_linear_cross_entropy(h_s, head_s.weight, labels.reshape(-1),
+                                                                   bias=head_s.bias, reduction="sum")
+            if soft:
+                h_t = t_out.last_hidden_state.reshape(-1, t_out.last_hidden_state.shape[-1])
+                total = total + soft * config.temperature ** 2 * chunked_head_divergence(
+                    h_s, head_s.weight, h_t, head_t.weight[:vocab], flat_keep, divergence, b_student=head_s.bias,
+                    b_teacher=None if head_t.bias is None else head_t.bias[:vocab])
+        else:                                  # soft-capped or adapted heads: the models' own logits
+            z_s = s_out.logits.reshape(-1, s_out.logits.shape[-1]).float()
+            if hard:
+                total = total + hard * torch.nn.functional.cross_entropy(z_s, labels.reshape(-1), ignore_index=-100,
+                                                                        reduction="sum")
+            if soft:
+                z_t = t_out.logits.reshape(-1, t_out.logits.shape[-1])[:, :vocab].float()
+                total = total + soft * config.temperature ** 2 * torch.where(
+                    flat_keep, divergence(z_s, z_t), 0.0).sum()
+        if config.hidden_weight > 0:
+            f = KD.hidden_cosine if config.hidden_loss == "cosine" else KD.hidden_mse
+            part = torch.zeros((), device=labels.device)
+            for k, (i, j) in enumerate(pairs):
+                hs, ht = s_out.hidden_states[i + 1], t_out.hidden_states[j + 1]
+                if len(projections):
+                    hs = projections[k](hs)
+                per = f(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]))
+                part = part + torch.where(flat_keep, per, 0.0).sum()
+            total = total + config.hidden_weight * part / len(pairs)
+        if attn:
+            if config.attention_loss == "minilm":
+                per = KD.attention_kl(s_out.attentions[-1], t_out.attentions[-1])
+                per = per + KD.value_relation_kl(values[0].out, values[1].out, rel_heads)
+            else:
+                per = sum(KD.attention_score_mse(s_out.attentions[i], t_out.attentions[j]) for i, j in pairs) / len(pairs)
+            total = total + config.attention_weight * torch.where(keep, per, 0.0).sum()
+        return total, count
+
+    plan.loss = loss
+    return plan

@@ -301,3 +301,94 @@ def test_bad_input(teacher_dir, tmp_path, capsys, args, msg):
     assert code == 2, err
     assert msg in err and err.count("\n") == 1, err
     assert not list((tmp_path / "outs").iterdir())
+
+
+# ------------------------------------------------------------------------------------- cached teacher logits
+def test_chunked_topk_divergence_and_its_gradient_equal_the_whole_computation():
+    g = torch.Generator().manual_seed(7)
+    N, H, V, k = 23, 8, 40, 6
+    hs = torch.randn(N, H, generator=g, requires_grad=True)
+    ws = torch.randn(V, H, generator=g, requires_grad=True)
+    zt = torch.randn(N, V, generator=g) * 2
+    top = torch.log_softmax(zt / 2.0, -1).topk(k, -1)
+    keep = torch.rand(N, generator=g) > 0.3
+    for name in ("forward_kl", "reverse_kl", "jsd"):
+        div = KD.divergence(name, beta=0.4)
+        got = KD.chunked_topk_divergence(hs, ws, top.values, top.indices, keep, div, temperature=2.0, chunk_size=4)
+        gh, gw = torch.autograd.grad(got, (hs, ws))
+        s, t = KD.topk_coarse(hs @ ws.T, top.values, top.indices, 2.0)
+        want = torch.where(keep, div(s, t), 0.0).sum()
+        rh, rw = torch.autograd.grad(want, (hs, ws))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-4)
+
+
+def test_the_cache_holds_the_teachers_top_k_and_refuses_other_teachers_data_and_temperatures(tmp_path):
+    from slimlm.distill.cache import CachedTeacherData, build_cache
+
+    teacher = deep_teacher(4)
+    data = windows_data(5)
+    meta = build_cache(teacher, data, tmp_path / "c", k=8, temperature=2.0, progress=False)
+    assert meta["bytes_per_token"] == 8 * 4 and meta["batches"] == 5
+    assert meta["bytes_on_disk"] < 5 * 2 * 32 * 8 * 4 + 4096                 # 4 bytes a value, plus headers
+    cached = CachedTeacherData(data, tmp_path / "c", teacher=teacher, temperature=2.0)
+    for i in (0, 4):
+        b = cached.batch(i)
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(input_ids=b["input_ids"]).logits / 2.0, -1)
+        top = lp.topk(8, -1)
+        torch.testing.assert_close(b["teacher_logprobs"], top.values, atol=2e-3, rtol=1e-3)   # float16
+        assert torch.equal(torch.gather(lp, -1, b["teacher_indices"]).topk(8, -1).values.sort(-1).values,
+                           top.values.sort(-1).values)
+    with pytest.raises(ConfigError, match="another teacher"):
+        CachedTeacherData(data, tmp_path / "c", teacher=deep_teacher(4, seed=3))
+    other = TD.text_windows(random_windows(200, 64, 1).reshape(-1), seqlen=32, batch_size=2, batches=5, seed=0)
+    with pytest.raises(ConfigError, match="other text"):
+        CachedTeacherData(other, tmp_path / "c")
+    with pytest.raises(ConfigError, match="temperature 2.0"):
+        CachedTeacherData(data, tmp_path / "c", temperature=1.0)
+    with pytest.raises(ConfigError, match="holds 5 batches"):
+        CachedTeacherData(windows_data(6), tmp_path / "c")
+    CachedTeacherData(windows_data(3), tmp_path / "c")                     # a shorter run reuses the first batches
+
+
+def test_training_from_a_full_vocabulary_cache_equals_online_distillation(tmp_path):
+    """With k = the whole vocabulary the cached loss is the online loss (up to float16 storage)."""
+    from slimlm.distill.cache import CachedTeacherData, build_cache
+
+    cfg = TrainConfig(steps=4, seqlen=32, batch_size=2, lr=3e-3)
+    config = DistillConfig(loss="forward_kl", alpha=0.7, temperature=1.0)
+    online = api.distill(deep_teacher(4), "layers:every-2", config, windows_data(4), cfg, progress=False)
+    build_cache(deep_teacher(4), windows_data(4), tmp_path / "c", k=VOCAB, progress=False)
+    cached = CachedTeacherData(windows_data(4), tmp_path / "c")
+    student = build_student(deep_teacher(4), "layers:every-2")
+    report = api.distill(None, student, config, cached, cfg, output=tmp_path / "s", progress=False)
+    assert report["teacher_cache"]["k"] == VOCAB
+    assert report["final_loss"] == pytest.approx(online["final_loss"], rel=2e-3)
+    again = api.distill(None, build_student(deep_teacher(4), "layers:every-2"), config,
+                     CachedTeacherData(windows_data(4), tmp_path / "c"), cfg, progress=False)
+    assert again["final_loss"] == pytest.approx(report["final_loss"], rel=1e-6)     # the cache reads back the same
+    with pytest.raises(ConfigError, match="logits only"):
+        api.distill(None, build_student(deep_teacher(4), "layers:every-2"), DistillConfig(hidden_weight=1.0),
+                    CachedTeacherData(windows_data(4), tmp_path / "c"), cfg, progress=False)
+
+
+def test_cli_builds_the_cache_once_and_reuses_it(teacher_dir, tmp_path, capsys):
+    common = ["distill", "--teacher", str(teacher_dir), "--student", "layers:every-2", "--data",
+              str(tmp_path / "text.txt"), "--seqlen", "32", "--batch-size", "2", "--steps", "3",
+              "--teacher-cache", str(tmp_path / "cache"), "--cache-k", "16"]
+    assert main([*common, "--output", str(tmp_path / "a")]) == 0
+    assert "cached the teacher's top 16" in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "b")]) == 0
+    assert "cached the teacher" not in capsys.readouterr().out
+    other = tmp_path / "other-teacher"
+    deep_teacher(4, seed=4).save_pretrained(str(other), safe_serialization=True)
+    tiny_tokenizer().save_pretrained(str(other))
+    (tmp_path / "outs").mkdir()
+    args = [*common, "--output", str(tmp_path / "outs" / "c")]
+    args[args.index("--teacher") + 1] = str(other)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "another teacher" in err and err.count("\n") == 1
+    assert not list((tmp_path / "outs").iterdir())

@@ -187,10 +187,15 @@ def distill(teacher: nn.Module, student: nn.Module | str, config: Any = None, da
     saved there as a model folder (with metrics.jsonl) when the run completes; `resume` continues from
     OUTPUT.partial. Returns the run's report; the trained student is report["student"] as well when it was
     built from a spec."""
+    from .distill.cache import CachedTeacherData
     from .distill.method import DistillConfig
     from .distill.students import build_student, is_spec
 
     config = config if config is not None else DistillConfig()
+    cache = data.meta if isinstance(data, CachedTeacherData) else None
+    if teacher is None and (cache is None or isinstance(student, str)):
+        raise SlimlmError("distill needs the teacher (a model), unless the data is a CachedTeacherData and the "
+                          "student a model")
     built = isinstance(student, str)
     if built:
         if not is_spec(student):
@@ -202,7 +207,10 @@ def distill(teacher: nn.Module, student: nn.Module | str, config: Any = None, da
         teacher_ref = getattr(teacher, "slimlm_ref", None)
     report = _train("distill", student, config, data, train_config, tokenizer=tokenizer, output=output,
                     eval_data=eval_data, resume=resume, progress=progress, model_ref=getattr(student, "slimlm_ref", None),
-                    teacher=teacher, teacher_ref=teacher_ref)
+                    teacher=None if cache is not None else teacher, teacher_ref=teacher_ref, teacher_cache=cache)
+    if cache is not None:
+        report["teacher_cache"] = {k: cache[k] for k in ("k", "temperature", "bytes_per_token", "bytes_on_disk",
+                                                         "batches", "tokens")}
     if built:
         report["student"] = student
     return report
@@ -210,7 +218,7 @@ def distill(teacher: nn.Module, student: nn.Module | str, config: Any = None, da
 
 def _train(family: str, model: nn.Module, config: Any, data, train_config: Any, *, tokenizer, output, eval_data,
            resume: bool, progress: bool, model_ref: str | None, teacher: nn.Module | None = None,
-           teacher_ref: str | None = None) -> dict:
+           teacher_ref: str | None = None, teacher_cache: dict | None = None) -> dict:
     from .adapt.methods import TrainContext
     from .training.config import TrainConfig
     from .training.dist import Dist
@@ -224,12 +232,12 @@ def _train(family: str, model: nn.Module, config: Any, data, train_config: Any, 
     try:
         plan = method.apply(model, config, TrainContext(tokenizer=tokenizer, model_ref=model_ref, seed=cfg.seed,
                                                        seqlen=cfg.seqlen, total_steps=cfg.total_steps(dist.world),
-                                                       teacher=teacher))
+                                                       teacher=teacher, teacher_cache=teacher_cache))
         import dataclasses
         run = {"model": model_ref, "method": method.name, "method_config": dataclasses.asdict(config),
                "data": getattr(data, "describe", lambda: None)()}
-        if teacher is not None:
-            run["teacher"] = teacher_ref
+        if teacher is not None or teacher_cache is not None:
+            run["teacher"] = teacher_ref or (teacher_cache or {}).get("teacher_ref")
             run["student_layers_from_teacher"] = getattr(model, "slimlm_teacher_layers", None)
         return run_loop(model, plan, data, cfg, output=Path(output) if output is not None else None,
                         tokenizer=tokenizer, eval_windows=eval_data, resume=resume, run=run, progress=progress,

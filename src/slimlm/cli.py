@@ -522,7 +522,12 @@ def _train_command(family: str):
                              "the teacher's tokenizer (a structured-pruned folder, a smaller model)"),
                 click.Option(["--student-init"], default="pretrained", show_default=True,
                              help="a student built from the teacher starts from its weights (pretrained) or from "
-                             "the architecture's random initialisation (random)")]
+                             "the architecture's random initialisation (random)"),
+                click.Option(["--teacher-cache"], default=None, help="a folder of cached teacher logits (top-k per "
+                             "position): built from the teacher and this run's data when it does not exist, then "
+                             "training reads it instead of running the teacher (logit losses only)"),
+                click.Option(["--cache-k"], type=int, default=64, show_default=True,
+                             help="tokens kept per position in a new cache (4 bytes each)")]
     else:
         lead = [click.Option(["--model", "model_ref"], default="smollm2-135m", show_default=True, help=MODEL_HELP),
                 click.Option(["--method"], required=True, type=click.Choice(sorted(table)), help="the method")]
@@ -615,6 +620,19 @@ def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list
         from . import data as D
         eval_windows = D.eval_windows(D.tokenize(tok, D.load_text(kw["eval_data"])), cfg.seqlen, cfg.eval_windows)
     t0 = time.perf_counter()
+    if distilling and kw["teacher_cache"]:
+        from pathlib import Path as _P
+
+        from .distill import cache as C
+        folder = _P(kw["teacher_cache"]).expanduser()
+        if not folder.exists():
+            meta = C.build_cache(teacher, data, folder, k=kw["cache_k"], temperature=config.temperature)
+            click.echo(f"cached the teacher's top {meta['k']} per position for {meta['batches']} batches: "
+                       f"{meta['bytes_per_token']} bytes per token, {meta['bytes_on_disk'] / 2**20:.1f} MiB -> {folder}")
+        data = C.CachedTeacherData(data, folder, teacher=teacher, temperature=config.temperature)
+        teacher = None                                         # training never runs it again
+        import gc
+        gc.collect()
     if distilling:
         report = api.distill(teacher, model, config, data, cfg, tokenizer=tok, output=out, eval_data=eval_windows,
                              resume=kw["resume"], teacher_ref=kw["teacher"])

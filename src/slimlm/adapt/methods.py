@@ -34,6 +34,7 @@ class TrainContext:
     seqlen: int | None = None
     total_steps: int | None = None
     teacher: nn.Module | None = None          # distillation: the frozen teacher
+    teacher_cache: dict | None = None         # distillation from a teacher-logit cache: its metadata
 
 
 @dataclass

@@ -27,7 +27,8 @@ from torch import Tensor
 from .losses import forward_kl
 
 __all__ = ["forward_kl", "reverse_kl", "generalized_jsd", "divergence", "hidden_mse", "hidden_cosine",
-           "attention_kl", "attention_score_mse", "value_relation_kl", "topk_kl", "layer_map"]
+           "attention_kl", "attention_score_mse", "value_relation_kl", "topk_coarse", "topk_kl",
+           "chunked_topk_divergence", "layer_map"]
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -119,25 +120,53 @@ def value_relation_kl(v_student: Tensor, v_teacher: Tensor, heads: int) -> Tenso
     return kl.mean(1)
 
 
-def topk_kl(student_logits: Tensor, top_logprobs: Tensor, top_indices: Tensor, temperature: float = 1.0) -> Tensor:
-    """KL(p_t || p_s) per position from a cached teacher: top_logprobs (C, k) the teacher's log-probabilities
-    (at the same temperature) of its k most likely tokens top_indices (C, k). The rest of the teacher's mass,
-    r_t = 1 - sum_k p_t,k, is one more bucket, matched against the student's mass outside those tokens,
-    r_s = 1 - sum_k p_s,k:
-
-        KL = sum_k p_t,k (log p_t,k - log p_s,k) + r_t (log r_t - log r_s)
-
-    (the KL between the two distributions coarsened to k + 1 outcomes: a lower bound of the full KL, equal
-    to it when the teacher's mass is all in its top k)."""
+def topk_coarse(student_logits: Tensor, top_logprobs: Tensor, top_indices: Tensor,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Both distributions coarsened to k + 1 outcomes, as log-probabilities (C, k + 1): the teacher's k cached
+    tokens top_indices (C, k) with their log-probabilities top_logprobs (at the same temperature), plus one
+    bucket with the rest of each distribution, r_t = 1 - sum_k p_t,k and r_s = 1 - sum_k p_s,k (student first,
+    teacher second). Any divergence of the module applies to them (log_softmax leaves log-probabilities as
+    they are); the coarsened KL is a lower bound of the full one, equal to it when the teacher's mass is all
+    in its top k."""
     log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     ls_k = log_s.gather(-1, top_indices.long())
     lt_k = top_logprobs.float()
-    pt_k = lt_k.exp()
-    head = (pt_k * (lt_k - ls_k)).sum(-1)
-    r_t = (1 - pt_k.sum(-1)).clamp(min=0)
-    log_r_s = torch.log1p(-ls_k.exp().sum(-1).clamp(max=1 - 1e-7))
-    log_r_t = torch.log(r_t.clamp(min=1e-30))
-    return head + torch.where(r_t > 0, r_t * (log_r_t - log_r_s), 0.0)
+    floor = math.log(1e-30)                         # an empty bucket: mass ~0, no nan from 0 * log 0
+    r_t = (1 - lt_k.exp().sum(-1)).clamp(min=0)
+    log_r_t = torch.log(r_t.clamp(min=1e-30)).clamp(min=floor)
+    log_r_s = torch.log1p(-ls_k.exp().sum(-1).clamp(max=1 - 1e-7)).clamp(min=floor)
+    return torch.cat([ls_k, log_r_s[..., None]], -1), torch.cat([lt_k, log_r_t[..., None]], -1)
+
+
+def topk_kl(student_logits: Tensor, top_logprobs: Tensor, top_indices: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_t || p_s) per position from a cached teacher (topk_coarse):
+
+        KL = sum_k p_t,k (log p_t,k - log p_s,k) + r_t (log r_t - log r_s)"""
+    s, t = topk_coarse(student_logits, top_logprobs, top_indices, temperature)
+    return forward_kl(s, t)
+
+
+def chunked_topk_divergence(h_student: Tensor, w_student: Tensor, top_logprobs: Tensor, top_indices: Tensor,
+                            keep: Tensor, divergence=forward_kl, *, b_student: Tensor | None = None,
+                            temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
+    """sum_i keep_i * divergence over the coarsened distributions (topk_coarse) for N positions: h_student
+    (N, H), w_student (V, H), top_logprobs / top_indices (N, k), keep (N,) bool. The student's logits exist
+    one chunk at a time (checkpointed: recomputed in the backward, never stored)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(h: Tensor, lp: Tensor, idx: Tensor, k: Tensor) -> Tensor:
+        z = h.float() @ w_student.float().t()
+        if b_student is not None:
+            z = z + b_student.float()
+        s, t = topk_coarse(z, lp, idx, temperature)
+        return torch.where(k, divergence(s, t), 0.0).sum()
+
+    total = h_student.new_zeros((), dtype=torch.float32)
+    for s in range(0, h_student.shape[0], chunk_size):
+        e = min(s + chunk_size, h_student.shape[0])
+        total = total + checkpoint(part, h_student[s:e], top_logprobs[s:e], top_indices[s:e], keep[s:e],
+                                   use_reentrant=False)
+    return total
 
 
 def layer_map(spec: str, n_student: int, n_teacher: int) -> list[tuple[int, int]]:

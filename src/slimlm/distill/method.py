@@ -125,16 +125,30 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
     from ..adapt.methods import _check_float, _plan
 
     teacher = getattr(ctx, "teacher", None)
-    if teacher is None:
+    cache = getattr(ctx, "teacher_cache", None)            # the cache's metadata when training from one
+    if teacher is None and cache is None:
         raise ConfigError("distillation needs a teacher: slimlm.distill(teacher, student, config, data) or "
                           "slimlm distill --teacher REF")
     _check_float(model, "distillation (the student)")
     device = next(model.parameters()).device
-    teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    vocab = check_vocabularies(model, teacher, ctx.tokenizer)
-    n_s, n_t = len(_blocks(model)), len(_blocks(teacher))
+    if cache is not None:
+        if config.hidden_weight > 0 or config.attention_weight > 0:
+            raise ConfigError("a teacher-logit cache holds logits only: hidden-state and attention losses need the "
+                              "teacher itself (drop --teacher-cache, or --hidden-weight / --attention-weight)")
+        vs = model.get_output_embeddings().weight.shape[0]
+        if cache["vocab"] != vs and not (cache["vocab"] > vs and ctx.tokenizer is not None and len(ctx.tokenizer) <= vs):
+            raise ConfigError(f"the cache's teacher has {cache['vocab']} tokens and the student {vs}; white-box "
+                              "distillation needs the same vocabulary")
+        teacher = None
+        n_t = None
+        vocab = vs
+    else:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        vocab = check_vocabularies(model, teacher, ctx.tokenizer)
+        n_t = len(_blocks(teacher))
+    n_s = len(_blocks(model))
     need_pairs = config.hidden_weight > 0 or (config.attention_weight > 0 and config.attention_loss == "tinybert")
     try:
         pairs = KD.layer_map(config.layer_map, n_s, n_t) if need_pairs else []
@@ -156,7 +170,8 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
 
     plan = _plan(model, None, {"method": "distill", **asdict(config), "student_layers": n_s, "teacher_layers": n_t,
                                "layer_pairs": pairs})
-    w_s, w_t = model.config.get_text_config().hidden_size, teacher.config.get_text_config().hidden_size
+    w_s = model.config.get_text_config().hidden_size
+    w_t = w_s if teacher is None else teacher.config.get_text_config().hidden_size
     projections = nn.ModuleList()
     if config.hidden_weight > 0 and w_s != w_t:
         g = torch.Generator().manual_seed(ctx.seed)
@@ -172,7 +187,9 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
                                                                   beta=config.beta)
     soft = 0.0 if config.loss == "ce" else config.alpha
     hard = 1.0 if config.loss == "ce" else 1 - config.alpha
-    head_s, head_t = _head(model), _head(teacher)
+    head_s = _head(model)
+    head_t = _head(teacher) if teacher is not None else head_s
+    coarse = None if config.loss == "ce" else KD.divergence(config.loss, beta=config.beta)   # on log-probabilities
 
     def loss(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
         labels = batch["labels"]
@@ -180,11 +197,28 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         count = keep.sum()
         kw = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False,
               "output_hidden_states": bool(pairs and config.hidden_weight > 0), "output_attentions": attn}
+        total = torch.zeros((), device=labels.device)
+        flat_keep = keep.reshape(-1)
+        if "teacher_logprobs" in batch:                   # from the cache: no teacher forward
+            if head_s is None:
+                raise ConfigError("training from a teacher-logit cache needs a plain output layer in the student")
+            h = _base(model)(**kw).last_hidden_state
+            h = h.reshape(-1, h.shape[-1])
+            if hard:
+                total = total + hard * chunked_linear_cross_entropy(h, head_s.weight, labels.reshape(-1),
+                                                                   bias=head_s.bias, reduction="sum")
+            if soft:
+                k = batch["teacher_logprobs"].shape[-1]
+                total = total + soft * config.temperature ** 2 * KD.chunked_topk_divergence(
+                    h, head_s.weight[:vocab], batch["teacher_logprobs"].reshape(-1, k),
+                    batch["teacher_indices"].reshape(-1, k), flat_keep, coarse,
+                    b_student=None if head_s.bias is None else head_s.bias[:vocab], temperature=config.temperature)
+            return total, count
+        if teacher is None:
+            raise ConfigError("this batch carries no cached teacher logits and no teacher was given")
         with torch.no_grad():
             t_out = _base(teacher)(**kw) if head_t is not None and head_s is not None else teacher(**kw)
         s_out = _base(model)(**kw) if head_t is not None and head_s is not None else model(**kw)
-        total = torch.zeros((), device=labels.device)
-        flat_keep = keep.reshape(-1)
         if head_s is not None and head_t is not None:
             h_s = s_out.last_hidden_state.reshape(-1, s_out.last_hidden_state.shape[-1])
             if hard:

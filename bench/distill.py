@@ -1,0 +1,171 @@
+"""The distillation benchmark of ../shared/BENCHMARKS.md: the default model (30 layers) as the teacher, a
+15-layer student taken from every other layer of it, one results file: bench/results/distill.json.
+
+    python bench/train.py prepare                  # the batches and evaluation windows (shared with training)
+    python bench/distill.py run [--only ...] [--steps 50]
+    python bench/distill.py table
+
+Data and budget: the training benchmark's batches (4 windows of 512 tokens a step from the three training
+novels), the same number of steps for every row, so the same training tokens (recorded in each row). Every
+row is a fresh process (its peak RSS its own). Each row: perplexity on both evaluation texts (quick
+protocol), KL(teacher || student) and top-1 agreement with the teacher on the persuasion windows, step time,
+tokens/s, peak RSS; the cached row also the cache's bytes per token and its build time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import SEQLEN, WORK, FileBatches, base_path  # noqa: E402
+
+import protocol as P  # noqa: E402
+
+STUDENT = "layers:every-2"
+LR = {"distill": 1e-4, "lora": 1e-3}
+
+# row -> (student spec or base folder, DistillConfig options, extra)
+ROWS = {
+    "untrained": (STUDENT, None, {}),
+    "ce": (STUDENT, {"loss": "ce"}, {}),
+    "kd_T1": (STUDENT, {"loss": "forward_kl", "temperature": 1.0, "alpha": 0.5}, {}),
+    "kd_T2": (STUDENT, {"loss": "forward_kl", "temperature": 2.0, "alpha": 0.5}, {}),
+    "forward_kl": (STUDENT, {"loss": "forward_kl", "alpha": 1.0}, {}),
+    "reverse_kl": (STUDENT, {"loss": "reverse_kl", "alpha": 1.0}, {}),
+    "jsd": (STUDENT, {"loss": "jsd", "beta": 0.5, "alpha": 1.0}, {}),
+    "forward_kl_hidden_cos": (STUDENT, {"loss": "forward_kl", "alpha": 1.0, "hidden_weight": 1.0,
+                                        "hidden_loss": "cosine", "layer_map": "14:29"}, {}),
+    "pkd_skip": (STUDENT, {"loss": "forward_kl", "alpha": 1.0, "hidden_weight": 1.0, "hidden_loss": "mse",
+                           "layer_map": "skip"}, {}),
+    "minilm": (STUDENT, {"loss": "forward_kl", "alpha": 1.0, "attention_weight": 1.0,
+                         "attention_loss": "minilm"}, {}),
+    "forward_kl_cached": (STUDENT, {"loss": "forward_kl", "alpha": 1.0}, {"cache_k": 64}),
+    "random_init": (STUDENT, {"loss": "forward_kl", "alpha": 1.0}, {"init": "random"}),
+    "structured20_distilled": ("structured_20", {"loss": "forward_kl", "alpha": 1.0}, {}),
+}
+
+
+def _evaluate(model, teacher_logprobs) -> dict:
+    from safetensors.torch import load_file
+
+    from slimlm import metrics as M
+
+    out = {}
+    for name in P.EVAL_TEXTS:
+        w = load_file(str(WORK / f"eval_{name}.safetensors"))["windows"]
+        ref = teacher_logprobs if name == "persuasion" else None
+        r = M.score(model, w, reference=ref, progress=False)
+        out[name] = {k: r[k] for k in ("perplexity", "kl_divergence", "top1_agreement") if k in r}
+    return out
+
+
+def run_one(row: str, steps: int) -> dict:
+    import torch
+
+    import slimlm
+    from slimlm import api
+    from slimlm import metrics as M
+    from slimlm.distill.method import DistillConfig
+    from slimlm.distill.students import build_student
+
+    torch.set_num_threads(P.THREADS)
+    student_ref, opts, extra = ROWS[row]
+    teacher = slimlm.load_model(base_path("fp32"))
+    if student_ref.startswith("layers:"):
+        student = build_student(teacher, student_ref, extra.get("init", "pretrained"))
+    else:
+        student = slimlm.load_model(base_path(student_ref))
+    res: dict = {"row": row, "student": student_ref, "init": extra.get("init", "pretrained"), "steps": steps,
+                 "cpu": P.machine(), "run": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "student_parameters": sum(p.numel() for p in student.parameters()),
+                 "teacher_parameters": sum(p.numel() for p in teacher.parameters())}
+    if opts is not None:
+        config = DistillConfig(**opts)
+        data = FileBatches(WORK / "batches.safetensors", steps)
+        cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=4, lr=LR["distill"])
+        out = WORK / f"distill_{row}"
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(str(out) + ".partial", ignore_errors=True)
+        t_teacher = teacher
+        if "cache_k" in extra:
+            from slimlm.distill.cache import CachedTeacherData, build_cache
+            t0 = time.perf_counter()
+            cache = WORK / f"teacher_cache_k{extra['cache_k']}_{steps}"
+            if not cache.exists():
+                meta = build_cache(teacher, data, cache, k=extra["cache_k"], temperature=config.temperature,
+                                   progress=False)
+                res["cache_build_s"] = time.perf_counter() - t0
+            data = CachedTeacherData(data, cache, teacher=teacher, temperature=config.temperature)
+            meta = data.meta
+            res["cache"] = {k: meta[k] for k in ("k", "bytes_per_token", "bytes_on_disk", "tokens")}
+            t_teacher = None
+        report = api.distill(t_teacher, student, config, data, cfg, output=out, progress=False)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        res.update(config=opts, lr=LR["distill"], tokens=sum(r["tokens"] for r in rows),
+                   loss=[r["loss"] for r in rows], step_s=[r["seconds"] for r in rows],
+                   step_s_median=report.get("step_seconds_median"), tokens_per_s=report.get("tokens_per_s"))
+    res["peak_rss_mb"] = M.peak_rss_bytes() / 2**20
+    student.eval()
+    res["eval"] = _evaluate(student, teacher)
+    return res
+
+
+def _record(row: str, res: dict) -> None:
+    path = P.RESULTS / "distill.json"
+    figures = json.loads(path.read_text())["figures"] if path.is_file() else {}
+    figures[row] = res
+    P.write_result("distill", {"student": STUDENT, "batch": 4, "seqlen": SEQLEN, "lr": LR}, figures)
+
+
+def table() -> None:
+    path = P.RESULTS / "distill.json"
+    if not path.is_file():
+        sys.exit("bench: no distill results yet")
+    f = json.loads(path.read_text())["figures"]
+    print("| row | tokens | persuasion ppl | northangerabbey ppl | KL to teacher | top-1 | step s | peak MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row, r in f.items():
+        e = r["eval"]
+        print(f"| {row} | {r.get('tokens', 0):,} | {e['persuasion']['perplexity']:.2f} | "
+              f"{e['northangerabbey']['perplexity']:.2f} | {e['persuasion'].get('kl_divergence', float('nan')):.4f} | "
+              f"{e['persuasion'].get('top1_agreement', float('nan')):.3f} | {r.get('step_s_median') or 0:.2f} | "
+              f"{r['peak_rss_mb']:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--only", default=",".join(ROWS))
+    r.add_argument("--steps", type=int, default=50)
+    one = sub.add_parser("one", help="(internal) one row in this process")
+    one.add_argument("--row", required=True, choices=sorted(ROWS))
+    one.add_argument("--steps", type=int, default=50)
+    sub.add_parser("table")
+    a = ap.parse_args()
+    if a.cmd == "one":
+        print(json.dumps(run_one(a.row, a.steps)))
+    elif a.cmd == "run":
+        from slimlm.hardware import training_allocator_env
+        for row in a.only.split(","):
+            done = subprocess.run([sys.executable, __file__, "one", "--row", row, "--steps", str(a.steps)],
+                                  capture_output=True, text=True, env=training_allocator_env() or os.environ.copy())
+            if done.returncode != 0:
+                sys.exit(f"bench: {row} failed:\n{done.stderr[-3000:]}")
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+            _record(row, res)
+            e = res["eval"]["persuasion"]
+            print(f"bench: {row}: persuasion {e['perplexity']:.2f}, KL {e.get('kl_divergence', 0):.4f}, "
+                  f"top-1 {e.get('top1_agreement', 0):.3f}", flush=True)
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()

@@ -197,7 +197,8 @@ def _agreement(student, teacher, x):
     DistillConfig(loss="jsd", beta=0.5, alpha=0.5, hidden_weight=1.0, hidden_loss="mse", layer_map="skip"),
     DistillConfig(loss="reverse_kl", alpha=1.0, attention_weight=1.0, attention_loss="minilm"),
     DistillConfig(loss="forward_kl", alpha=1.0, attention_weight=1.0, attention_loss="tinybert", layer_map="last"),
-], ids=["kd-T2", "jsd+hidden", "reverse+minilm", "tinybert"])
+    DistillConfig(loss="jsd", beta=0.5, alpha=1.0, on_policy=0.5, gen_tokens=12),
+], ids=["kd-T2", "jsd+hidden", "reverse+minilm", "tinybert", "gkd-on-policy"])
 def test_distillation_brings_the_student_towards_its_teacher(config, tmp_path):
     """Measured: KL to the teacher 0.25 untrained, 0.34 after cross-entropy only, 0.17-0.19 distilled."""
     teacher = deep_teacher(4)
@@ -246,6 +247,38 @@ def test_distillation_resumes_exactly(tmp_path):
     la, lb = ([json.loads(r)["loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
               for d in ("a", "b"))
     assert la == lb and len(la) == 6
+
+
+def test_on_policy_batches_are_the_students_continuations():
+    from slimlm.distill.method import on_policy_batch
+
+    student = build_student(deep_teacher(4), "layers:every-2")
+    batch = windows_data(1).batch(0)
+    a = on_policy_batch(student, batch, 10, 1.0, seed=3)
+    b = on_policy_batch(student, batch, 10, 1.0, seed=3)
+    assert torch.equal(a["input_ids"], b["input_ids"])                   # seeded
+    ids, labels = a["input_ids"], a["labels"]
+    assert ids.shape == batch["input_ids"].shape
+    assert torch.equal(ids[:, :22], batch["input_ids"][:, :22])           # the prompt is the window's start
+    assert not torch.equal(ids[:, 22:], batch["input_ids"][:, 22:])       # the rest is the student's
+    assert (labels[:, :21] == -100).all() and (labels[:, 31] == -100).all()
+    assert torch.equal(labels[:, 21:31], ids[:, 22:32])                   # targets: the generated tokens only
+    with pytest.raises(ConfigError, match="not --loss ce"):
+        DistillConfig(loss="ce", on_policy=0.5)
+
+
+def test_on_policy_distillation_resumes_exactly(tmp_path):
+    cfg = TrainConfig(steps=6, seqlen=32, batch_size=2, lr=1e-3, save_every=3)
+    config = DistillConfig(loss="jsd", alpha=1.0, on_policy=0.5, gen_tokens=8)
+    api.distill(deep_teacher(4), "layers:every-2", config, windows_data(6), cfg, output=tmp_path / "a", progress=False)
+    with pytest.raises(Interrupted):
+        api.distill(deep_teacher(4), "layers:every-2", config, StopAt(windows_data(6), 4), cfg, output=tmp_path / "b",
+                    progress=False)
+    api.distill(deep_teacher(4), "layers:every-2", config, windows_data(6), cfg, output=tmp_path / "b", resume=True,
+                progress=False)
+    la, lb = ([json.loads(r)["loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("a", "b"))
+    assert la == lb
 
 
 def test_cross_entropy_only_ignores_the_teacher(tmp_path):

@@ -49,6 +49,12 @@ class DistillConfig:
                 "MSE over the mapped layers)"})
     relation_heads: int = field(default=0, metadata={
         "help": "minilm: relation heads of the value relation (0: the student's attention heads)"})
+    on_policy: float = field(default=0.0, metadata={
+        "help": "fraction of the batches replaced by the student's own continuations of their first part, scored "
+                "by the teacher (GKD's on-policy data; divergence only, no hard loss on them)"})
+    gen_tokens: int = field(default=0, metadata={
+        "help": "on-policy: tokens the student generates per sequence (0: half the window)"})
+    gen_temperature: float = field(default=1.0, metadata={"help": "on-policy: the student's sampling temperature"})
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -67,6 +73,12 @@ class DistillConfig:
             raise ConfigError(f"--attention-loss takes minilm or tinybert, not {self.attention_loss!r}")
         if self.relation_heads < 0:
             raise ConfigError(f"--relation-heads must be >= 0 (got {self.relation_heads})")
+        if not 0 <= self.on_policy <= 1:
+            raise ConfigError(f"--on-policy is a fraction of the batches, in [0, 1] (got {self.on_policy})")
+        if self.on_policy and self.loss == "ce":
+            raise ConfigError("on-policy batches are scored by the teacher: use a divergence, not --loss ce")
+        if self.gen_tokens < 0 or not self.gen_temperature > 0:
+            raise ConfigError("--gen-tokens must be >= 0 and --gen-temperature > 0")
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -119,6 +131,29 @@ class _Values:
         self.out = out
 
 
+@torch.no_grad()
+def on_policy_batch(model: nn.Module, batch: dict, new_tokens: int, temperature: float, seed: int) -> dict:
+    """GKD's on-policy data: the first L - n tokens of each window as the prompt, n tokens sampled from the
+    student at `temperature` (seeded: the same step draws the same tokens after a resume), and labels on the
+    generated tokens only (label i is token i + 1)."""
+    ids = batch["input_ids"]
+    B, L = ids.shape
+    n = min(new_tokens or L // 2, L - 1)
+    prompt = ids[:, :L - n]
+    was = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             pad_token_id=0)
+    model.train(was)
+    out = out[:, :L]
+    labels = torch.full_like(out, -100)
+    labels[:, L - n - 1:L - 1] = out[:, L - n:]
+    return {"input_ids": out, "labels": labels}
+
+
 @register("distill", "distill", DistillConfig, needs_data=True,
           help="white-box distillation from a teacher: logits, hidden states, attention")
 def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
@@ -132,6 +167,9 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
     _check_float(model, "distillation (the student)")
     device = next(model.parameters()).device
     if cache is not None:
+        if config.on_policy:
+            raise ConfigError("a teacher-logit cache scores the data's own tokens: on-policy batches (the student's "
+                              "continuations) need the teacher itself; drop --teacher-cache or --on-policy")
         if config.hidden_weight > 0 or config.attention_weight > 0:
             raise ConfigError("a teacher-logit cache holds logits only: hidden-state and attention losses need the "
                               "teacher itself (drop --teacher-cache, or --hidden-weight / --attention-weight)")
@@ -191,7 +229,16 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
     head_t = _head(teacher) if teacher is not None else head_s
     coarse = None if config.loss == "ce" else KD.divergence(config.loss, beta=config.beta)   # on log-probabilities
 
+    calls = [0]                                       # micro-batches seen: decides and seeds on-policy batches
+
     def loss(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+        i = calls[0]
+        calls[0] += 1
+        own = config.on_policy and torch.rand((), generator=torch.Generator().manual_seed(ctx.seed * 1_000_003 + i)) \
+            < config.on_policy
+        if own:
+            batch = on_policy_batch(model, batch, config.gen_tokens, config.gen_temperature, ctx.seed * 7919 + i)
+        hard_now = 0.0 if own else hard
         labels = batch["labels"]
         keep = labels != -100
         count = keep.sum()
@@ -204,8 +251,8 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
                 raise ConfigError("training from a teacher-logit cache needs a plain output layer in the student")
             h = _base(model)(**kw).last_hidden_state
             h = h.reshape(-1, h.shape[-1])
-            if hard:
-                total = total + hard * chunked_linear_cross_entropy(h, head_s.weight, labels.reshape(-1),
+            if hard_now:
+                total = total + hard_now * chunked_linear_cross_entropy(h, head_s.weight, labels.reshape(-1),
                                                                    bias=head_s.bias, reduction="sum")
             if soft:
                 k = batch["teacher_logprobs"].shape[-1]
@@ -221,8 +268,8 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         s_out = _base(model)(**kw) if head_t is not None and head_s is not None else model(**kw)
         if head_s is not None and head_t is not None:
             h_s = s_out.last_hidden_state.reshape(-1, s_out.last_hidden_state.shape[-1])
-            if hard:
-                total = total + hard * chunked_linear_cross_entropy(h_s, head_s.weight, labels.reshape(-1),
+            if hard_now:
+                total = total + hard_now * chunked_linear_cross_entropy(h_s, head_s.weight, labels.reshape(-1),
                                                                    bias=head_s.bias, reduction="sum")
             if soft:
                 h_t = t_out.last_hidden_state.reshape(-1, t_out.last_hidden_state.shape[-1])
@@ -231,8 +278,8 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
                     b_teacher=None if head_t.bias is None else head_t.bias[:vocab])
         else:                                  # soft-capped or adapted heads: the models' own logits
             z_s = s_out.logits.reshape(-1, s_out.logits.shape[-1]).float()
-            if hard:
-                total = total + hard * torch.nn.functional.cross_entropy(z_s, labels.reshape(-1), ignore_index=-100,
+            if hard_now:
+                total = total + hard_now * torch.nn.functional.cross_entropy(z_s, labels.reshape(-1), ignore_index=-100,
                                                                         reduction="sum")
             if soft:
                 z_t = t_out.logits.reshape(-1, t_out.logits.shape[-1])[:, :vocab].float()
@@ -257,5 +304,19 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
             total = total + config.attention_weight * torch.where(keep, per, 0.0).sum()
         return total, count
 
-    plan.loss = loss
+    params = plan.params
+
+    def state() -> dict[str, Tensor]:
+        return {**{k: p.detach() for k, p in params.items()}, "distill.calls": torch.tensor(calls[0])}
+
+    def load_state(tensors: dict[str, Tensor]) -> None:
+        missing = sorted(set(params) - set(tensors))
+        if missing:
+            raise KeyError(f"the checkpoint lacks {missing[:3]}")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tensors[k])
+        calls[0] = int(tensors.get("distill.calls", torch.tensor(0)))
+
+    plan.loss, plan.state, plan.load_state = loss, state, load_state
     return plan

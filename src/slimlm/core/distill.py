@@ -16,6 +16,7 @@ keeps (labels != -100) and divides by their number, as the training loop does fo
         teacher's and the student's self-attention distributions and between their value relations
         softmax(V V^T / sqrt(d_k)) per head, on the last layer
     cached top-k teacher: KL over the k stored tokens plus one bucket holding the rest of each distribution
+    MiniLLM: the sequence-level reverse KL by policy gradient on teacher-mixed samples (minillm_surrogate)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .losses import forward_kl
 
 __all__ = ["forward_kl", "reverse_kl", "generalized_jsd", "divergence", "hidden_mse", "hidden_cosine",
            "attention_kl", "attention_score_mse", "value_relation_kl", "topk_coarse", "topk_kl",
-           "chunked_topk_divergence", "layer_map"]
+           "chunked_topk_divergence", "minillm_surrogate", "layer_map"]
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -167,6 +168,38 @@ def chunked_topk_divergence(h_student: Tensor, w_student: Tensor, top_logprobs: 
         total = total + checkpoint(part, h_student[s:e], top_logprobs[s:e], top_indices[s:e], keep[s:e],
                                    use_reentrant=False)
     return total
+
+
+def minillm_surrogate(student_logits: Tensor, teacher_logits: Tensor, tokens: Tensor, mix: float = 0.2,
+                      clip: float = 5.0) -> Tensor:
+    """MiniLLM's policy-gradient estimate of the sequence-level reverse KL (Gu et al. 2024, "MiniLLM:
+    Knowledge Distillation of Large Language Models", section 2.2), as a surrogate whose gradient is the
+    estimator, per generated token: (B, n).
+
+    tokens y (B, n) were sampled from the teacher-mixed distribution p~ = mix p + (1 - mix) q_theta (student
+    q, teacher p); student_logits / teacher_logits (B, n, V) are the logits that predicted them. With
+    r_t = log p(y_t) - log q(y_t) (detached) and the length-normalised long-term reward
+    R_{t+1} = (1 / (n - t - 1)) sum_{t' > t} r_t' (0 at the last token),
+
+        surrogate_t = w_t [ KL(q(.|y_<t) || p(.|y_<t)) - R_{t+1} log q(y_t | y_<t) ]
+
+    the first term the single-step part (its gradient is E_{y_t ~ q} of the reward's gradient, computed
+    exactly over the vocabulary), the second the long-term part (REINFORCE with the normalised reward), and
+    w_t = q(y_t) / p~(y_t) the per-token importance weight of teacher-mixed sampling (detached, at most
+    `clip`). PPO's ratio clipping of the paper's implementation is not applied."""
+    log_q = torch.log_softmax(student_logits.float(), dim=-1)
+    log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+    lq_y = log_q.gather(-1, tokens[..., None].long())[..., 0]
+    lp_y = log_p.gather(-1, tokens[..., None].long())[..., 0]
+    r = (lp_y - lq_y).detach()
+    n = r.shape[-1]
+    after = r.flip(-1).cumsum(-1).flip(-1) - r                    # sum over t' > t
+    remaining = torch.arange(n - 1, -1, -1, device=r.device, dtype=r.dtype)   # n - t - 1
+    R = torch.where(remaining > 0, after / remaining.clamp(min=1), 0.0)
+    q_y, p_y = lq_y.detach().exp(), lp_y.detach().exp()
+    w = (q_y / (mix * p_y + (1 - mix) * q_y).clamp(min=1e-30)).clamp(max=clip)
+    single = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return w * (single - R * lq_y)
 
 
 def layer_map(spec: str, n_student: int, n_teacher: int) -> list[tuple[int, int]]:

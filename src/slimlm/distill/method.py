@@ -25,14 +25,21 @@ from ..core.losses import chunked_head_divergence, chunked_linear_cross_entropy
 from ..errors import ConfigError
 from ..registry import register
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
+
+def _lm(model: nn.Module, batch: dict):
+    from ..training.plan import lm_loss
+    return lm_loss(model, batch)
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "minillm", "ce")
 
 
 @dataclass
 class DistillConfig:
     loss: str = field(default="forward_kl", metadata={
-        "help": "logit loss: forward_kl (Hinton's soft targets), reverse_kl (MiniLLM), jsd (GKD's generalized "
-                "JSD, --beta), or ce (cross-entropy with the labels only: the baseline)"})
+        "help": "logit loss: forward_kl (Hinton's soft targets), reverse_kl (token-level), jsd (GKD's generalized "
+                "JSD, --beta), minillm (sequence-level reverse KL by policy gradient on teacher-mixed samples of "
+                "--gen-tokens continuing each window's first part; --alpha weighs it against the LM loss on the "
+                "data), or ce (cross-entropy with the labels only: the baseline)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature T of both models (loss x T^2)"})
     alpha: float = field(default=0.5, metadata={
         "help": "weight of the distillation loss, 1 - alpha on the cross-entropy with the labels (0.25 is the "
@@ -55,6 +62,8 @@ class DistillConfig:
     gen_tokens: int = field(default=0, metadata={
         "help": "on-policy: tokens the student generates per sequence (0: half the window)"})
     gen_temperature: float = field(default=1.0, metadata={"help": "on-policy: the student's sampling temperature"})
+    mix: float = field(default=0.2, metadata={
+        "help": "minillm: the teacher's share of the sampling distribution mix p + (1 - mix) q (MiniLLM: 0.2)"})
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -77,6 +86,10 @@ class DistillConfig:
             raise ConfigError(f"--on-policy is a fraction of the batches, in [0, 1] (got {self.on_policy})")
         if self.on_policy and self.loss == "ce":
             raise ConfigError("on-policy batches are scored by the teacher: use a divergence, not --loss ce")
+        if not 0 <= self.mix <= 1:
+            raise ConfigError(f"--mix must be in [0, 1] (got {self.mix})")
+        if self.loss == "minillm" and self.on_policy:
+            raise ConfigError("minillm samples its own sequences on every batch: drop --on-policy")
         if self.gen_tokens < 0 or not self.gen_temperature > 0:
             raise ConfigError("--gen-tokens must be >= 0 and --gen-temperature > 0")
 
@@ -154,6 +167,30 @@ def on_policy_batch(model: nn.Module, batch: dict, new_tokens: int, temperature:
     return {"input_ids": out, "labels": labels}
 
 
+@torch.no_grad()
+def mixed_sample(student: nn.Module, teacher: nn.Module, prompt: Tensor, n: int, mix: float, seed: int) -> Tensor:
+    """n tokens after `prompt` (B, P), each drawn from mix * p_teacher + (1 - mix) * q_student given the
+    sequence so far (both models stepping with their key/value caches); returns (B, P + n)."""
+    from ..metrics import _cache_kwarg, _out_cache
+
+    was = student.training
+    student.eval()
+    g = torch.Generator(device=prompt.device).manual_seed(seed)
+    ks, kt = _cache_kwarg(student), _cache_kwarg(teacher)
+    out_s = student(input_ids=prompt, use_cache=True)
+    out_t = teacher(input_ids=prompt, use_cache=True)
+    seq = [prompt]
+    for _ in range(n):
+        q = torch.softmax(out_s.logits[:, -1].float(), -1)
+        p = torch.softmax(out_t.logits[:, -1].float(), -1)
+        tok = torch.multinomial(mix * p + (1 - mix) * q, 1, generator=g)
+        seq.append(tok)
+        out_s = student(input_ids=tok, use_cache=True, **{ks: _out_cache(out_s)})
+        out_t = teacher(input_ids=tok, use_cache=True, **{kt: _out_cache(out_t)})
+    student.train(was)
+    return torch.cat(seq, 1)
+
+
 @register("distill", "distill", DistillConfig, needs_data=True,
           help="white-box distillation from a teacher: logits, hidden states, attention")
 def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
@@ -167,9 +204,9 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
     _check_float(model, "distillation (the student)")
     device = next(model.parameters()).device
     if cache is not None:
-        if config.on_policy:
-            raise ConfigError("a teacher-logit cache scores the data's own tokens: on-policy batches (the student's "
-                              "continuations) need the teacher itself; drop --teacher-cache or --on-policy")
+        if config.on_policy or config.loss == "minillm":
+            raise ConfigError("a teacher-logit cache scores the data's own tokens: on-policy batches and minillm (the "
+                              "student's continuations) need the teacher itself; drop --teacher-cache")
         if config.hidden_weight > 0 or config.attention_weight > 0:
             raise ConfigError("a teacher-logit cache holds logits only: hidden-state and attention losses need the "
                               "teacher itself (drop --teacher-cache, or --hidden-weight / --attention-weight)")
@@ -221,13 +258,13 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         for i, lin in enumerate(projections):
             plan.params[f"distill.projection.{i}.weight"] = lin.weight
     model.__dict__["slimlm_distill_projections"] = projections       # not a submodule: never saved
-    divergence = None if config.loss == "ce" else KD.divergence(config.loss, temperature=config.temperature,
-                                                                  beta=config.beta)
+    divergence = None if config.loss in ("ce", "minillm") else KD.divergence(
+        config.loss, temperature=config.temperature, beta=config.beta)
     soft = 0.0 if config.loss == "ce" else config.alpha
     hard = 1.0 if config.loss == "ce" else 1 - config.alpha
     head_s = _head(model)
     head_t = _head(teacher) if teacher is not None else head_s
-    coarse = None if config.loss == "ce" else KD.divergence(config.loss, beta=config.beta)   # on log-probabilities
+    coarse = divergence and KD.divergence(config.loss, beta=config.beta)        # on log-probabilities
 
     calls = [0]                                       # micro-batches seen: decides and seeds on-policy batches
 
@@ -263,6 +300,20 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
             return total, count
         if teacher is None:
             raise ConfigError("this batch carries no cached teacher logits and no teacher was given")
+        if config.loss == "minillm":
+            ids = batch["input_ids"]
+            L = ids.shape[1]
+            n = min(config.gen_tokens or L // 2, L - 1)
+            seq = mixed_sample(model, teacher, ids[:, :L - n], n, config.mix, ctx.seed * 7919 + i)
+            z_s = model(input_ids=seq, use_cache=False).logits[:, L - n - 1:L - 1]
+            with torch.no_grad():
+                z_t = teacher(input_ids=seq, use_cache=False).logits[:, L - n - 1:L - 1, :vocab]
+            per = KD.minillm_surrogate(z_s[..., :vocab], z_t, seq[:, L - n:], config.mix)
+            total = total + config.alpha * per.sum() * (count / per.numel())
+            if config.alpha < 1:                          # MiniLLM's language-modelling loss on the data
+                lm_sum, _ = _lm(model, batch)
+                total = total + (1 - config.alpha) * lm_sum
+            return total, count
         with torch.no_grad():
             t_out = _base(teacher)(**kw) if head_t is not None and head_s is not None else teacher(**kw)
         s_out = _base(model)(**kw) if head_t is not None and head_s is not None else model(**kw)

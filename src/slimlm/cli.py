@@ -362,6 +362,55 @@ def merge_cmd(model_ref, adapter, output, into, requantize, data, samples, seqle
         click.echo(f"  {k}: {v}")
 
 
+@cli.command("generate")
+@click.option("--teacher", default="smollm2-135m", show_default=True,
+              help="the teacher: " + MODEL_HELP + ", or the URL of an OpenAI-compatible server (http://host:port)")
+@click.option("--endpoint-model", default="default", show_default=True, help="the model name sent to an endpoint")
+@click.option("--prompts", required=True, help="prompts: a .txt (one per line) or a .jsonl with --field")
+@click.option("--field", default="prompt", show_default=True, help="the prompt field of a .jsonl")
+@click.option("--output", required=True, help="the .jsonl of {prompt, response, origin} rows to write")
+@click.option("--overwrite", is_flag=True, help="replace an existing output file")
+@click.option("--n", "n", default=2, show_default=True, type=int, help="responses per prompt (duplicates dropped)")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.8, show_default=True, type=float)
+@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--evolve", "evolve_rounds", default=0, show_default=True, type=int,
+              help="rounds of Evol-Instruct-style rewriting of every prompt into a harder or broader one")
+@click.option("--self-instruct", "self_instruct_count", default=0, show_default=True, type=int,
+              help="new prompts grown from the set, Self-Instruct style")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP.format(what="where a local teacher runs"))
+@click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
+def generate_cmd(teacher, endpoint_model, prompts, field, output, overwrite, n, max_new_tokens, temperature, top_p,
+                 seed, evolve_rounds, self_instruct_count, device, threads):
+    """A teacher's responses to prompts, for black-box distillation (then: slimlm train --data OUTPUT)."""
+    from pathlib import Path
+
+    from .distill import blackbox as BB
+
+    out = Path(output).expanduser()
+    if out.exists() and not overwrite:
+        raise SlimlmError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise SlimlmError(f"the folder of {out} does not exist")
+    if evolve_rounds < 0 or self_instruct_count < 0:
+        raise SlimlmError("--evolve and --self-instruct must be >= 0")
+    sampling = BB.Sampling(n, max_new_tokens, temperature, top_p, seed)
+    given = BB.read_prompts(prompts, field)
+    if teacher.startswith(("http://", "https://")):
+        t = BB.EndpointTeacher(teacher, endpoint_model)
+    else:
+        from . import models
+        _setup(threads)
+        t = BB.LocalTeacher(models.load_model(teacher, device=_device(device)), models.load_tokenizer(teacher),
+                            name=teacher)
+    t0 = time.perf_counter()
+    rep = BB.generate(t, given, sampling, out, evolve_rounds=evolve_rounds, self_instruct_count=self_instruct_count)
+    click.echo(f"{rep['rows']} responses to {rep['prompts']} prompts ({rep['given']} given, {rep['evolved']} evolved, "
+               f"{rep['self_instruct']} self-instruct; {rep['duplicates_dropped']} duplicates dropped) in "
+               f"{time.perf_counter() - t0:.1f} s -> {out}")
+
+
 @cli.command("demo")
 @click.option("--output", default="out/smollm2-135m-gptq-w4g64", show_default=True, help="where the quantized model goes")
 @click.option("--calibration-data", default="python-docs", show_default=True, help="calibration " + DATA_HELP)

@@ -485,3 +485,42 @@ def test_mixed_sampling_draws_from_the_mixture():
             p = torch.softmax(teacher(input_ids=seq).logits[:, -1].float(), -1)
             seq = torch.cat([seq, torch.multinomial(p, 1, generator=gen)], 1)
     assert torch.equal(got, seq)
+
+
+def test_a_teacher_assistant_is_distilled_first_and_the_student_from_it(tmp_path):
+    cfg = TrainConfig(steps=3, seqlen=32, batch_size=2, lr=1e-3)
+    teacher = deep_teacher(8)
+    report = api.distill(teacher, "layers:every-2", DistillConfig(attention_weight=1.0), windows_data(3), cfg,
+                         output=tmp_path / "s", assistant="layers:every-2", progress=False)
+    assert report["assistant_stage"]["assistant"] == "layers:every-2"
+    assert report["teacher_layers"] == 4 and report["student_layers"] == 2        # 8 -> assistant 4 -> student 2
+    assert slimlm.load_model(str(tmp_path / "s.assistant")).config.num_hidden_layers == 4
+    assert slimlm.load_model(str(tmp_path / "s")).config.num_hidden_layers == 2
+
+    class StopOnCall:                       # Ctrl-C at the n-th batch asked for (here: in the student's stage)
+        def __init__(self, data, n):
+            self.data, self.n, self.calls = data, n, 0
+
+        def __len__(self):
+            return len(self.data)
+
+        def describe(self):
+            return self.data.describe()
+
+        def batch(self, i):
+            self.calls += 1
+            if self.calls == self.n:
+                raise KeyboardInterrupt
+            return self.data.batch(i)
+
+    saving = TrainConfig(steps=3, seqlen=32, batch_size=2, lr=1e-3, save_every=1)
+    with pytest.raises(Interrupted):
+        api.distill(teacher, "layers:every-2", DistillConfig(), StopOnCall(windows_data(3), 5), saving,
+                    output=tmp_path / "r", assistant="layers:every-2", progress=False)
+    assert (tmp_path / "r.assistant" / "config.json").is_file() and not (tmp_path / "r").exists()
+    again = api.distill(teacher, "layers:every-2", DistillConfig(), windows_data(3), saving, output=tmp_path / "r",
+                        assistant="layers:every-2", resume=True, progress=False)
+    assert again["assistant_stage"]["reused"] == str(tmp_path / "r.assistant") and again["resumed_at"] == 1
+    with pytest.raises(ConfigError, match="names layer 5"):                       # before any training
+        api.distill(teacher, "layers:5", DistillConfig(), windows_data(3), cfg, assistant="layers:every-2",
+                    progress=False)

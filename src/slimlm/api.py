@@ -180,19 +180,47 @@ def train(model: nn.Module, config: Any, data, train_config: Any = None, *, toke
 def distill(teacher: nn.Module, student: nn.Module | str, config: Any = None, data=None, train_config: Any = None, *,
             tokenizer=None, output: str | os.PathLike | None = None, eval_data: Tensor | None = None,
             resume: bool = False, progress: bool = True, teacher_ref: str | None = None,
-            student_init: str = "pretrained") -> dict:
+            student_init: str = "pretrained", assistant: str | None = None) -> dict:
     """Distill `teacher` into `student` (a model, or a spec built from the teacher: "layers:every-2",
     "layers:first-N", "layers:last-N", "layers:0,3,5") with a DistillConfig (default DistillConfig()) on
     `data` (as train() takes it); the student trains, the teacher stays frozen. With `output`, the student is
     saved there as a model folder (with metrics.jsonl) when the run completes; `resume` continues from
     OUTPUT.partial. Returns the run's report; the trained student is report["student"] as well when it was
-    built from a spec."""
+    built from a spec.
+
+    assistant: a teacher assistant (Mirzadeh et al. 2020; MiniLM's mid-size step), a spec built from the
+    teacher ("layers:every-..."), distilled from the teacher first with the same settings (saved to
+    OUTPUT.assistant, reused by a resumed run); the student (a spec then applies to the assistant's layers)
+    is then distilled from the assistant."""
     from .distill.cache import CachedTeacherData
     from .distill.method import DistillConfig
     from .distill.students import build_student, is_spec
 
     config = config if config is not None else DistillConfig()
     cache = data.meta if isinstance(data, CachedTeacherData) else None
+    stage: dict | None = None
+    if assistant is not None:
+        if cache is not None or teacher is None:
+            raise SlimlmError("a teacher assistant is distilled from the teacher itself: pass the teacher, not a cache")
+        from .calibration.common import find_blocks
+        from .distill.students import parse_layers
+        from .models import load_model
+        if not is_spec(assistant):
+            raise SlimlmError(f"assistant {assistant!r}: a spec built from the teacher, like layers:every-2")
+        mid_layers = len(parse_layers(assistant, len(find_blocks(teacher)[1])))
+        if isinstance(student, str) and is_spec(student):
+            parse_layers(student, mid_layers)                 # a bad student spec fails before any training
+        folder = Path(f"{output}.assistant") if output is not None else None
+        if folder is not None and resume and (folder / "config.json").is_file():
+            mid = load_model(str(folder), device=str(model_device(teacher)))
+            stage = {"assistant": assistant, "reused": str(folder)}
+        else:
+            mid = build_student(teacher, assistant, "pretrained", seed=getattr(train_config, "seed", 0))
+            r = _train("distill", mid, config, data, train_config, tokenizer=tokenizer, output=folder,
+                       eval_data=eval_data, resume=resume, progress=progress, model_ref=None, teacher=teacher,
+                       teacher_ref=teacher_ref)
+            stage = {"assistant": assistant, **{k: r.get(k) for k in ("steps", "final_loss", "eval_perplexity_after")}}
+        teacher, teacher_ref = mid, f"{teacher_ref or 'teacher'} -> assistant {assistant}"
     if teacher is None and (cache is None or isinstance(student, str)):
         raise SlimlmError("distill needs the teacher (a model), unless the data is a CachedTeacherData and the "
                           "student a model")
@@ -211,6 +239,8 @@ def distill(teacher: nn.Module, student: nn.Module | str, config: Any = None, da
     if cache is not None:
         report["teacher_cache"] = {k: cache[k] for k in ("k", "temperature", "bytes_per_token", "bytes_on_disk",
                                                          "batches", "tokens")}
+    if stage is not None:
+        report["assistant_stage"] = stage
     if built:
         report["student"] = student
     return report

@@ -576,7 +576,10 @@ def _train_command(family: str):
                              "position): built from the teacher and this run's data when it does not exist, then "
                              "training reads it instead of running the teacher (logit losses only)"),
                 click.Option(["--cache-k"], type=int, default=64, show_default=True,
-                             help="tokens kept per position in a new cache (4 bytes each)")]
+                             help="tokens kept per position in a new cache (4 bytes each)"),
+                click.Option(["--assistant"], default=None, help="a teacher assistant built from the teacher "
+                             "(layers:...), distilled first (saved to OUTPUT.assistant); the student is then "
+                             "distilled from it, a --student spec applying to the assistant's layers")]
     else:
         lead = [click.Option(["--model", "model_ref"], default="smollm2-135m", show_default=True, help=MODEL_HELP),
                 click.Option(["--method"], required=True, type=click.Choice(sorted(table)), help="the method")]
@@ -650,7 +653,9 @@ def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list
     teacher = None
     if distilling:
         teacher = model
-        if is_spec(kw["student"]):
+        if is_spec(kw["student"]) and kw["assistant"]:
+            pass                                          # built from the assistant once it is trained (api.distill)
+        elif is_spec(kw["student"]):
             from .distill.students import build_student
             model = build_student(teacher, kw["student"], kw["student_init"], seed=cfg.seed)
         else:
@@ -683,8 +688,14 @@ def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list
         import gc
         gc.collect()
     if distilling:
+        if kw["assistant"] and is_spec(kw["student"]):
+            model = kw["student"]
+        if kw["assistant"] and kw["teacher_cache"]:
+            raise SlimlmError("--assistant distills from the teacher itself: drop --teacher-cache")
         report = api.distill(teacher, model, config, data, cfg, tokenizer=tok, output=out, eval_data=eval_windows,
-                             resume=kw["resume"], teacher_ref=kw["teacher"])
+                             resume=kw["resume"], teacher_ref=kw["teacher"], assistant=kw["assistant"],
+                             student_init=kw["student_init"] if kw["assistant"] and is_spec(kw["student"])
+                             else "pretrained")
         what = f"distilled {kw['teacher']} into {kw['student']}"
     else:
         report = api.train(model, config, data, cfg, tokenizer=tok, output=out, eval_data=eval_windows,

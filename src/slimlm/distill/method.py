@@ -231,6 +231,7 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         raise ConfigError(str(e)) from None
     attn = config.attention_weight > 0
     values = None
+    attn_before = [(m, m.config._attn_implementation) for m in (model, teacher) if m is not None]
     if attn:
         for m in (model, teacher):
             m.set_attn_implementation("eager")       # the attention probabilities are returned by eager only
@@ -369,5 +370,16 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
                 p.copy_(tensors[k])
         calls[0] = int(tensors.get("distill.calls", torch.tensor(0)))
 
-    plan.loss, plan.state, plan.load_state = loss, state, load_state
+    def finish() -> None:
+        """Drop what training needed: the value hooks (and the tensors they hold), the projections, eager
+        attention."""
+        for v in values or ():
+            v.handle.remove()
+            v.out = None
+        model.__dict__.pop("slimlm_distill_projections", None)
+        if attn:
+            for m, impl in attn_before:
+                m.set_attn_implementation(impl)
+
+    plan.loss, plan.state, plan.load_state, plan.finish = loss, state, load_state, finish
     return plan

@@ -63,6 +63,7 @@ def build_student(teacher: nn.Module, spec: str, init: str = "pretrained", seed:
     n = len(find_blocks(teacher)[1])
     keep = parse_layers(spec, n)
     student = copy.deepcopy(teacher)
+    student.__dict__.pop("slimlm_ref", None)          # a new model: not the folder the teacher came from
     for p in student.parameters():
         p.requires_grad_(True)
     cut_layers(student, keep)

@@ -524,3 +524,53 @@ def test_a_teacher_assistant_is_distilled_first_and_the_student_from_it(tmp_path
     with pytest.raises(ConfigError, match="names layer 5"):                       # before any training
         api.distill(teacher, "layers:5", DistillConfig(), windows_data(3), cfg, assistant="layers:every-2",
                     progress=False)
+
+
+# --------------------------------------------------------------------------------------------------- encoders
+def test_bert_masking_follows_80_10_10():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 100, (64, 64), generator=g)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, 0] = False
+    inputs, labels = KD.mlm_mask(ids, 4, 128, maskable, g)
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and torch.equal(labels[chosen], ids[chosen])
+    assert 0.13 < chosen.float().mean() < 0.17
+    frac_mask = (inputs[chosen] == 4).float().mean()
+    frac_same = (inputs[chosen] == ids[chosen]).float().mean()
+    assert 0.76 < frac_mask < 0.84 and 0.07 < frac_same < 0.14
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def _bert(layers: int, head: str, seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128)
+    m = (BertForMaskedLM if head == "mlm" else BertModel)(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return m.eval()
+
+
+@pytest.mark.parametrize("head", ["mlm", "none"])
+def test_encoders_distil_with_distilberts_triple_loss_or_their_hidden_states(head, tmp_path):
+    from test_encoders import bert_tokenizer
+
+    from slimlm import metrics as M
+
+    teacher = _bert(4, head)
+    student = build_student(teacher, "layers:every-2")
+    x = random_windows(6, 32, seed=4).clamp(min=5)
+    before = M.embedding_agreement(student, teacher, x, progress=False)["embedding_cosine_mean"]
+    config = DistillConfig(loss="forward_kl", alpha=0.5, temperature=2.0, hidden_weight=1.0, layer_map="1:3")
+    report = api.distill(teacher, student, config, windows_data(20), TrainConfig(steps=20, seqlen=32, batch_size=2,
+                         lr=2e-3), tokenizer=bert_tokenizer(), output=tmp_path / "s", progress=False)
+    assert report["student_kind"] == ("masked" if head == "mlm" else "none")
+    after = M.embedding_agreement(student, teacher, x, progress=False)["embedding_cosine_mean"]
+    assert after > before and 1 - after < 0.7 * (1 - before), (before, after)
+    loaded = slimlm.load_model(str(tmp_path / "s"))
+    assert loaded.config.num_hidden_layers == 2 and M.lm_kind(loaded) == M.lm_kind(student)

@@ -12,6 +12,7 @@ keeps (labels != -100) and divides by their number, as the training loop does fo
         with beta = 0 meaning forward KL and beta = 1 reverse KL (the limits of JSD_beta / beta and
         JSD_beta / (1 - beta); TRL's GKD trainer documents the same endpoints)
     hidden states: MSE (TinyBERT, Jiao et al. 2020) and 1 - cos (DistilBERT's L_cos, Sanh et al. 2019)
+    DistilBERT's triple loss for masked LMs: alpha T^2 KL + (1 - alpha) L_mlm + hidden_weight L_cos
     attention: TinyBERT's MSE between attention score matrices; MiniLM's (Wang et al. 2020) KL between the
         teacher's and the student's self-attention distributions and between their value relations
         softmax(V V^T / sqrt(d_k)) per head, on the last layer
@@ -29,7 +30,7 @@ from .losses import forward_kl
 
 __all__ = ["forward_kl", "reverse_kl", "generalized_jsd", "divergence", "hidden_mse", "hidden_cosine",
            "attention_kl", "attention_score_mse", "value_relation_kl", "topk_coarse", "topk_kl",
-           "chunked_topk_divergence", "minillm_surrogate", "layer_map"]
+           "chunked_topk_divergence", "minillm_surrogate", "mlm_mask", "layer_map"]
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -200,6 +201,22 @@ def minillm_surrogate(student_logits: Tensor, teacher_logits: Tensor, tokens: Te
     w = (q_y / (mix * p_y + (1 - mix) * q_y).clamp(min=1e-30)).clamp(max=clip)
     single = (log_q.exp() * (log_q - log_p)).sum(-1)
     return w * (single - R * lq_y)
+
+
+def mlm_mask(ids: Tensor, mask_id: int, vocab: int, maskable: Tensor, generator: torch.Generator,
+             p: float = 0.15) -> tuple[Tensor, Tensor]:
+    """BERT's masking for the masked-language-model loss (Devlin et al. 2019; DistilBERT trains with it):
+    each maskable position (maskable (B, L) bool) is chosen with probability p; a chosen token becomes the
+    mask token 80% of the time, a random token 10%, itself 10%. Returns (inputs, labels) (B, L): labels the
+    original token at the chosen positions, -100 elsewhere."""
+    chosen = (torch.rand(ids.shape, generator=generator) < p) & maskable
+    roll = torch.rand(ids.shape, generator=generator)
+    inputs = ids.clone()
+    inputs[chosen & (roll < 0.8)] = mask_id
+    rnd = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[rnd] = torch.randint(0, vocab, ids.shape, generator=generator)[rnd]
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    return inputs, labels
 
 
 def layer_map(spec: str, n_student: int, n_teacher: int) -> list[tuple[int, int]]:

@@ -221,7 +221,8 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        vocab = check_vocabularies(model, teacher, ctx.tokenizer)
+        from ..metrics import lm_kind
+        vocab = None if lm_kind(model) == "none" else check_vocabularies(model, teacher, ctx.tokenizer)
         n_t = len(_blocks(teacher))
     n_s = len(_blocks(model))
     need_pairs = config.hidden_weight > 0 or (config.attention_weight > 0 and config.attention_loss == "tinybert")
@@ -381,5 +382,77 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
             for m, impl in attn_before:
                 m.set_attn_implementation(impl)
 
-    plan.loss, plan.state, plan.load_state, plan.finish = loss, state, load_state, finish
+    from ..metrics import lm_kind
+    kind = lm_kind(model)
+    if kind != "causal":
+        if teacher is None or lm_kind(teacher) != kind:
+            raise ConfigError(f"the student is {'a masked LM' if kind == 'masked' else 'a bare encoder'}: the teacher "
+                              "must be one too (and not a logit cache)")
+        plan.loss = _encoder_loss(model, teacher, config, ctx, kind, pairs, calls)
+    else:
+        plan.loss = loss
+    plan.state, plan.load_state, plan.finish = state, load_state, finish
+    plan.info["student_kind"] = kind
     return plan
+
+
+def _encoder_loss(student: nn.Module, teacher: nn.Module, config: DistillConfig, ctx, kind: str, pairs, calls):
+    """Encoders. Masked LMs: DistilBERT's triple loss on BERT-masked windows, alpha T^2 KL(teacher || student)
+    over the masked positions' MLM logits + (1 - alpha) MLM cross-entropy + hidden_weight (1 - cos) of the last
+    hidden states over every token. Bare encoders (no head, e.g. sentence-transformers models): the hidden
+    states only, 1 - cos (or MSE) of the last layer's states, plus the mapped layers with --hidden-weight.
+    Each window is wrapped as [CLS] text [SEP] when the tokenizer has them."""
+    tok = ctx.tokenizer
+    if kind == "masked" and (tok is None or tok.mask_token_id is None):
+        raise ConfigError("distilling a masked LM needs its tokenizer's mask token: pass tokenizer=")
+    cls_id = getattr(tok, "cls_token_id", None) if tok is not None else None
+    sep_id = getattr(tok, "sep_token_id", None) if tok is not None else None
+    vocab = student.get_input_embeddings().weight.shape[0]
+    f = KD.hidden_cosine if config.hidden_loss == "cosine" else KD.hidden_mse
+    divergence = KD.divergence("forward_kl" if config.loss in ("ce", "minillm") else config.loss,
+                               temperature=config.temperature, beta=config.beta)
+
+    def loss(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+        i = calls[0]
+        calls[0] += 1
+        ids = batch["input_ids"].clone()
+        if cls_id is not None and sep_id is not None:
+            ids[:, 0], ids[:, -1] = cls_id, sep_id
+        maskable = torch.ones_like(ids, dtype=torch.bool)
+        if cls_id is not None and sep_id is not None:
+            maskable[:, 0] = maskable[:, -1] = False
+        count = maskable.sum()
+        kw = {"attention_mask": torch.ones_like(ids), "output_hidden_states": True}
+        total = torch.zeros((), device=ids.device)
+        if kind == "masked":
+            g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + i)
+            inputs, labels = KD.mlm_mask(ids.cpu(), tok.mask_token_id, vocab, maskable.cpu(), g)
+            inputs, labels = inputs.to(ids.device), labels.to(ids.device)
+            with torch.no_grad():
+                t_out = teacher(input_ids=inputs, **kw)
+            s_out = model(input_ids=inputs, **kw)
+            m = labels != -100
+            z_s, z_t = s_out.logits[m].float(), t_out.logits[m][:, :vocab].float()
+            soft = 0.0 if config.loss == "ce" else config.alpha
+            if soft:
+                total = total + soft * config.temperature ** 2 * divergence(z_s, z_t).sum() * (count / m.sum().clamp(min=1))
+            if soft < 1:
+                ce = torch.nn.functional.cross_entropy(z_s, labels[m], reduction="sum") * (count / m.sum().clamp(min=1))
+                total = total + (1 - soft) * ce
+            hs, ht = s_out.hidden_states, t_out.hidden_states
+        else:
+            with torch.no_grad():
+                t_out = _base(teacher)(input_ids=ids, **kw)
+            s_out = _base(model)(input_ids=ids, **kw)
+            hs, ht = s_out.hidden_states, t_out.hidden_states
+            last = f(s_out.last_hidden_state.reshape(-1, hs[-1].shape[-1]),
+                     t_out.last_hidden_state.reshape(-1, ht[-1].shape[-1]))
+            total = total + torch.where(maskable.reshape(-1), last, 0.0).sum()
+        if config.hidden_weight:
+            part = sum(torch.where(maskable.reshape(-1), f(hs[a + 1].reshape(-1, hs[a + 1].shape[-1]),
+                                                           ht[b + 1].reshape(-1, ht[b + 1].shape[-1])), 0.0).sum()
+                       for a, b in pairs) / len(pairs)
+            total = total + config.hidden_weight * part
+        return total, count
+
+    return loss

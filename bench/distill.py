@@ -118,6 +118,42 @@ def run_one(row: str, steps: int) -> dict:
     return res
 
 
+def run_encoder(steps: int) -> dict:
+    """all-MiniLM-L6-v2 (6 layers) distilled into 3 (every other layer) on the training text, judged by the
+    cosine of its sentence embeddings (mean-pooled) to the teacher's on held-out windows of an evaluation text,
+    against the same 3 layers untrained."""
+    import torch
+    from train import TRAIN_TEXTS
+
+    import slimlm
+    from slimlm import api
+    from slimlm import data as D
+    from slimlm import metrics as M
+    from slimlm.distill.method import DistillConfig
+    from slimlm.distill.students import build_student
+    from slimlm.training import data as TD
+
+    torch.set_num_threads(P.THREADS)
+    teacher = slimlm.load_model("all-minilm-l6-v2")
+    tok = slimlm.load_tokenizer("all-minilm-l6-v2")
+    seqlen = 128
+    held, _ = D.encoder_windows(D.tokenize(tok, D.load_text(P.corpus(P.EVAL_TEXTS["northangerabbey"]))), seqlen, 64, tok)
+    student = build_student(teacher, "layers:every-2")
+    before = M.embedding_agreement(student, teacher, held, progress=False)
+    ids = TD.training_text(tok, [P.corpus(t) for t in TRAIN_TEXTS])
+    data = TD.text_windows(ids, seqlen=seqlen, batch_size=16, batches=steps, seed=0)
+    config = DistillConfig(hidden_weight=1.0, hidden_loss="cosine", layer_map="skip")
+    t0 = time.perf_counter()
+    rep = api.distill(teacher, student, config, data, slimlm.TrainConfig(steps=steps, seqlen=seqlen, batch_size=16,
+                      lr=1e-4), tokenizer=tok, progress=False)
+    after = M.embedding_agreement(student, teacher, held, progress=False)
+    return {"row": "encoder_minilm_3of6", "steps": steps, "tokens": steps * 16 * seqlen, "cpu": P.machine(),
+            "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_s": time.perf_counter() - t0,
+            "step_s_median": rep.get("step_seconds_median"), "peak_rss_mb": M.peak_rss_bytes() / 2**20,
+            "embedding_cosine_untrained": before, "embedding_cosine_distilled": after,
+            "held_out": f"{P.EVAL_TEXTS['northangerabbey']}: 64 windows of {seqlen}"}
+
+
 def _record(row: str, res: dict) -> None:
     path = P.RESULTS / "distill.json"
     figures = json.loads(path.read_text())["figures"] if path.is_file() else {}
@@ -133,6 +169,8 @@ def table() -> None:
     print("| row | tokens | persuasion ppl | northangerabbey ppl | KL to teacher | top-1 | step s | peak MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row, r in f.items():
+        if "eval" not in r:
+            continue
         e = r["eval"]
         print(f"| {row} | {r.get('tokens', 0):,} | {e['persuasion']['perplexity']:.2f} | "
               f"{e['northangerabbey']['perplexity']:.2f} | {e['persuasion'].get('kl_divergence', float('nan')):.4f} | "
@@ -149,10 +187,17 @@ def main() -> None:
     one = sub.add_parser("one", help="(internal) one row in this process")
     one.add_argument("--row", required=True, choices=sorted(ROWS))
     one.add_argument("--steps", type=int, default=50)
+    enc = sub.add_parser("encoder", help="all-MiniLM-L6-v2 distilled into 3 layers")
+    enc.add_argument("--steps", type=int, default=100)
     sub.add_parser("table")
     a = ap.parse_args()
     if a.cmd == "one":
         print(json.dumps(run_one(a.row, a.steps)))
+    elif a.cmd == "encoder":
+        res = run_encoder(a.steps)
+        _record(res["row"], res)
+        print(f"bench: encoder: embedding cosine {res['embedding_cosine_untrained']['embedding_cosine_mean']:.4f} "
+              f"untrained -> {res['embedding_cosine_distilled']['embedding_cosine_mean']:.4f} distilled", flush=True)
     elif a.cmd == "run":
         from slimlm.hardware import training_allocator_env
         for row in a.only.split(","):

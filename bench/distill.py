@@ -3,6 +3,8 @@
 
     python bench/train.py prepare                  # the batches and evaluation windows (shared with training)
     python bench/distill.py run [--only ...] [--steps 50]
+    python bench/distill.py peer [--only forward_kl,jsd]   # TRL's GKD trainer at the same settings
+    python bench/distill.py encoder               # all-MiniLM-L6-v2 into 3 layers
     python bench/distill.py table
 
 Data and budget: the training benchmark's batches (4 windows of 512 tokens a step from the three training
@@ -154,6 +156,28 @@ def run_encoder(steps: int) -> dict:
             "held_out": f"{P.EVAL_TEXTS['northangerabbey']}: 64 windows of {seqlen}"}
 
 
+PEER_PY = P.ROOT / "bench" / ".venv-peft" / "bin" / "python"
+PEER_ROWS = {"forward_kl": 0.0, "jsd": 0.5, "reverse_kl": 1.0}       # TRL's GKD beta for slimlm's row
+
+
+def run_peer(row: str, steps: int) -> dict:
+    """TRL's GKD trainer (bench/peer_trl.py, in the peer venv) at the settings of slimlm's `row`."""
+    cfg = ROWS[row][1]
+    out = WORK / f"peer_trl_{row}_{steps}.json"
+    cmd = [str(PEER_PY), str(P.ROOT / "bench" / "peer_trl.py"), "--teacher", base_path("fp32"), "--every", "2",
+           "--batches", str(WORK / "batches.safetensors"), "--eval", str(WORK / "eval_persuasion.safetensors"),
+           "--steps", str(steps), "--lr", str(LR["distill"]), "--beta", str(PEER_ROWS[row]),
+           "--temperature", str(cfg.get("temperature", 1.0)), "--threads", str(P.THREADS), "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"bench: TRL peer for {row} failed:\n{done.stderr[-3000:]}")
+    r = json.loads(out.read_text())
+    return {"row": f"{row}__trl", "tool": "trl", "steps": steps, "cpu": P.machine(),
+            "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "tokens": r["tokens"], "loss": r["loss"],
+            "step_s": r["step_s"], "step_s_median": r["step_s_median"], "peak_rss_mb": r["peak_rss_mb"],
+            "versions": r["versions"], "eval": {"persuasion": r["eval"]}}
+
+
 def _record(row: str, res: dict) -> None:
     path = P.RESULTS / "distill.json"
     figures = json.loads(path.read_text())["figures"] if path.is_file() else {}
@@ -172,8 +196,8 @@ def table() -> None:
         if "eval" not in r:
             continue
         e = r["eval"]
-        print(f"| {row} | {r.get('tokens', 0):,} | {e['persuasion']['perplexity']:.2f} | "
-              f"{e['northangerabbey']['perplexity']:.2f} | {e['persuasion'].get('kl_divergence', float('nan')):.4f} | "
+        na = e.get("northangerabbey", {}).get("perplexity", float("nan"))
+        print(f"| {row} | {r.get('tokens', 0):,} | {e['persuasion']['perplexity']:.2f} | {na:.2f} | {e['persuasion'].get('kl_divergence', float('nan')):.4f} | "
               f"{e['persuasion'].get('top1_agreement', float('nan')):.3f} | {r.get('step_s_median') or 0:.2f} | "
               f"{r['peak_rss_mb']:.0f} |")
 
@@ -187,12 +211,22 @@ def main() -> None:
     one = sub.add_parser("one", help="(internal) one row in this process")
     one.add_argument("--row", required=True, choices=sorted(ROWS))
     one.add_argument("--steps", type=int, default=50)
+    pe = sub.add_parser("peer", help="TRL's GKD trainer at the settings of slimlm's rows")
+    pe.add_argument("--only", default=",".join(PEER_ROWS))
+    pe.add_argument("--steps", type=int, default=50)
     enc = sub.add_parser("encoder", help="all-MiniLM-L6-v2 distilled into 3 layers")
     enc.add_argument("--steps", type=int, default=100)
     sub.add_parser("table")
     a = ap.parse_args()
     if a.cmd == "one":
         print(json.dumps(run_one(a.row, a.steps)))
+    elif a.cmd == "peer":
+        for row in a.only.split(","):
+            res = run_peer(row, a.steps)
+            _record(res["row"], res)
+            e = res["eval"]["persuasion"]
+            print(f"bench: {res['row']}: persuasion {e['perplexity']:.2f}, KL {e['kl_divergence']:.4f}, step "
+                  f"{res['step_s_median']:.2f} s, peak {res['peak_rss_mb']:.0f} MB", flush=True)
     elif a.cmd == "encoder":
         res = run_encoder(a.steps)
         _record(res["row"], res)

@@ -17,6 +17,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 TORCH_VERSION="2.13.0"
 TRANSFORMERS_VERSION="${SLIMLM_PEFT_TRANSFORMERS_VERSION:-5.25.0}"
 PEFT_VERSION="${SLIMLM_PEFT_VERSION:-0.21.2}"
+TRL_VERSION="${SLIMLM_TRL_VERSION:-1.16.0}"          # the distillation peer (bench/peer_trl.py)
 BNB_VERSION="${SLIMLM_PEFT_BNB_VERSION:-0.50.2}"
 
 start=$(date +%s)
@@ -49,13 +50,13 @@ trap 'rm -f "$constraints"' EXIT
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
 PIP_CONSTRAINT="$constraints" "${PIP[@]}" install \
     "transformers==${TRANSFORMERS_VERSION}" "peft==${PEFT_VERSION}" "bitsandbytes==${BNB_VERSION}" \
-    accelerate safetensors numpy
+    "trl==${TRL_VERSION}" accelerate safetensors numpy
 
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 import torch
 assert torch.__version__.endswith("+cpu"), f"expected a CPU torch, got {torch.__version__}"
-for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "numpy"):
+for name in ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "safetensors", "numpy"):
     try:
         print(f"{name}=={md.version(name)}")
     except md.PackageNotFoundError:

@@ -225,6 +225,6 @@ def _train_options() -> frozenset[str]:
 register_family(Family("train", ("slimlm.adapt.methods", "slimlm.pruning.movement", "slimlm.pruning.gum"), "train", "trained",
                        _train_options(), "Train a model (fine-tuning, adapters)", command="train"))
 register_family(Family("distill", ("slimlm.distill.method",), "distill", "distilled",
-                       _train_options() | {"teacher", "student", "student_init", "teacher_cache", "cache_k",
-                                          "assistant"},
+                       (_train_options() - {"model", "method"}) | {"teacher", "student", "student_init",
+                                                                    "teacher_cache", "cache_k", "assistant"},
                        "Distill a teacher into a student", command="distill"))

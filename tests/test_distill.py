@@ -574,3 +574,19 @@ def test_encoders_distil_with_distilberts_triple_loss_or_their_hidden_states(hea
     assert after > before and 1 - after < 0.7 * (1 - before), (before, after)
     loaded = slimlm.load_model(str(tmp_path / "s"))
     assert loaded.config.num_hidden_layers == 2 and M.lm_kind(loaded) == M.lm_kind(student)
+
+
+def test_a_quantized_teacher(tmp_path):
+    """A teacher that does not fit beside the student in float: any slimlm format, here GPTQ 4-bit packed."""
+    from slimlm.formats.native import runtime_modules
+
+    teacher = deep_teacher(4)
+    student = build_student(teacher, "layers:every-2")                 # from the float weights
+    slimlm.quantize(teacher, slimlm.RTNConfig(bits=4, group_size=32))
+    assert runtime_modules(teacher)
+    x = random_windows(4, 32, seed=9)
+    before = _agreement(student, teacher, x)
+    api.distill(teacher, student, DistillConfig(alpha=1.0), windows_data(20),
+                TrainConfig(steps=20, seqlen=32, batch_size=2, lr=3e-3), progress=False)
+    assert _agreement(student, teacher, x) < 0.85 * before
+    assert runtime_modules(teacher)                                   # the teacher is left as it was

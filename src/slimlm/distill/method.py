@@ -104,8 +104,12 @@ def _head(model: nn.Module):
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
-    from ..calibration.common import find_blocks
-    return find_blocks(model)[1]
+    """The decoder layers, of a packed quantized teacher too (adapt.prefix_cache.layer_list)."""
+    from ..adapt.prefix_cache import layer_list
+    try:
+        return layer_list(model)[1]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _value_proj(model: nn.Module) -> nn.Module:

@@ -244,9 +244,9 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
             values = (_Values(_value_proj(model)), _Values(_value_proj(teacher)))
         heads_s = model.config.get_text_config().num_attention_heads
         heads_t = teacher.config.get_text_config().num_attention_heads
-        if config.attention_loss == "tinybert" and heads_s != heads_t:
-            raise ConfigError(f"TinyBERT's attention loss compares head by head: the student has {heads_s} heads, "
-                              f"the teacher {heads_t}; use --attention-loss minilm")
+        if heads_s != heads_t:
+            raise ConfigError(f"the attention losses compare attention maps head by head: the student has {heads_s} "
+                              f"heads, the teacher {heads_t}; use hidden-state losses (--hidden-weight) instead")
     rel_heads = config.relation_heads or model.config.get_text_config().num_attention_heads
 
     plan = _plan(model, None, {"method": "distill", **asdict(config), "student_layers": n_s, "teacher_layers": n_t,

@@ -238,15 +238,15 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
     values = None
     attn_before = [(m, m.config._attn_implementation) for m in (model, teacher) if m is not None]
     if attn:
-        for m in (model, teacher):
-            m.set_attn_implementation("eager")       # the attention probabilities are returned by eager only
-        if config.attention_loss == "minilm":
-            values = (_Values(_value_proj(model)), _Values(_value_proj(teacher)))
         heads_s = model.config.get_text_config().num_attention_heads
         heads_t = teacher.config.get_text_config().num_attention_heads
         if heads_s != heads_t:
             raise ConfigError(f"the attention losses compare attention maps head by head: the student has {heads_s} "
                               f"heads, the teacher {heads_t}; use hidden-state losses (--hidden-weight) instead")
+        if config.attention_loss == "minilm":
+            values = (_Values(_value_proj(model)), _Values(_value_proj(teacher)))
+        for m in (model, teacher):
+            m.set_attn_implementation("eager")       # the attention probabilities are returned by eager only
     rel_heads = config.relation_heads or model.config.get_text_config().num_attention_heads
 
     plan = _plan(model, None, {"method": "distill", **asdict(config), "student_layers": n_s, "teacher_layers": n_t,

@@ -61,7 +61,9 @@ CASES = {
     "qat_from_gptq3": ("gptq_w3g64", {"method": "qat", "lr": 1e-4}, None),    # GPTQ's grid and codes at step 0
     "movement_70": ("fp32", {"method": "movement", "sparsity": "0.7"}, None),
     "magnitude_70_ft": ("magnitude_70", {"method": "full"}, None),     # the zeros stay (adapt.methods._plan)
+    "movement_70_adam": ("fp32", {"method": "movement", "sparsity": "0.7", "scores": "adam"}, None),
     "movement_90": ("fp32", {"method": "movement", "sparsity": "0.9"}, None),
+    "movement_90_adam": ("fp32", {"method": "movement", "sparsity": "0.9", "scores": "adam"}, None),
     "magnitude_90_ft": ("magnitude_90", {"method": "full"}, None),
     "layerdrop": ("fp32", {"method": "layerdrop", "layerdrop": 0.2}, None),
     # structured: 20% of the MLP neurons removed, the same fine-tuning budget (GUM prunes while it fine-tunes)

@@ -131,3 +131,48 @@ def test_bad_input(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sparsity must be a fraction" in err and err.count("\n") == 1
     assert not list((tmp_path / "outs").iterdir())
+
+
+def test_learned_scores_train_through_the_straight_through_mask_at_their_own_rate(tmp_path):
+    """--scores adam: S is a parameter; one backward gives dL/dS = dL/dW' * W; the optimizer runs it at
+    score_lr (the group's lr_scale times the schedule); a run reaches its sparsity and resumes exactly."""
+    from slimlm.adapt.methods import TrainContext
+    from slimlm.pruning.movement import prepare_movement
+
+    model = tiny_model("llama")
+    config = MovementConfig(sparsity="0.5", scores="adam", score_lr=1e-2, prune_start=0.0, prune_end=0.5)
+    plan = prepare_movement(model, config, TrainContext(total_steps=8, lr=1e-3))
+    mv = model.slimlm_movement
+    name, layer = next(iter(mv.layers.items()))
+    w = layer.parametrizations.weight.original
+    x = random_windows(1, 8, seed=2)
+    model(input_ids=x, labels=x).loss.backward()
+    s = mv.masks[name].scores
+    assert isinstance(s, torch.nn.Parameter) and s.grad is not None
+    torch.testing.assert_close(s.grad, (w.grad * w.detach()).float())          # mask is all ones at step 0
+    assert all(v == pytest.approx(10.0) for v in plan.lr_scale.values())
+    assert len(plan.lr_scale) == len(mv.layers)
+
+    cfg = TrainConfig(steps=8, seqlen=32, batch_size=2, lr=1e-3, save_every=4)
+    trained = tiny_model("llama")
+    report = api.train(trained, config, windows_data(8), cfg, output=tmp_path / "a", progress=False)
+    assert report["score_parameters"] == sum(m.weight.numel() for m in _block_linears(trained))
+    for m in _block_linears(trained):
+        assert (m.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(Interrupted):
+        api.train(tiny_model("llama"), config, StopAt(windows_data(8), 6), cfg, output=tmp_path / "b",
+                  progress=False)
+    api.train(tiny_model("llama"), config, windows_data(8), cfg, output=tmp_path / "b", resume=True,
+              progress=False)
+    la, lb = ([json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("a", "b"))
+    assert la == lb
+
+
+def test_optimizer_groups_carry_their_lr_scale():
+    from slimlm.training.optim import make_optimizer
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(3, 3)) for _ in range(3))
+    opt = make_optimizer([a, b, c], lr=1e-3, lr_scale=lambda p: 5.0 if p is b else 1.0)
+    groups = {g["lr_scale"]: [id(p) for p in g["params"]] for g in opt.param_groups}
+    assert groups == {1.0: [id(a), id(c)], 5.0: [id(b)]}

@@ -35,6 +35,7 @@ class TrainContext:
     total_steps: int | None = None
     teacher: nn.Module | None = None          # distillation: the frozen teacher
     teacher_cache: dict | None = None         # distillation from a teacher-logit cache: its metadata
+    lr: float | None = None                   # the run's peak learning rate
 
 
 @dataclass

@@ -13,6 +13,11 @@ layers, so layers end at different sparsities). Magnitude pruning would rank |W|
 what fine-tuning did to the weights. At the end the masks are multiplied in and the model is saved with
 slimlm's sparse storage (the pruned weights are exact zeros; model.slimlm_masks records them).
 
+With --scores adam the scores are parameters instead, trained by the loop's optimizer at --score-lr through
+the straight-through mask (dL/dS = dL/dW' * W), as Sanh et al.'s implementation trains them: Adam normalises
+each score's step, so the ranking is the sign-consistency of the movement rather than the sum dominated by
+the largest |W * g|.
+
 Checkpoints hold the scores and the step, so --resume continues with the same masks.
 """
 from __future__ import annotations
@@ -39,6 +44,10 @@ class MovementConfig:
         "help": "movement: fraction of the steps before pruning starts (the cubic schedule's start)"})
     prune_end: float = field(default=0.7, metadata={
         "help": "movement: fraction of the steps at which the target sparsity is reached (at most 1)"})
+    scores: str = field(default="sum", metadata={
+        "help": "movement: sum (S -= W * dL/dW' accumulated) or adam (S a parameter the optimizer trains at "
+                "--score-lr through the straight-through mask, as Sanh et al.'s implementation does)"})
+    score_lr: float = field(default=1e-2, metadata={"help": "movement: the scores' peak learning rate (adam)"})
 
     def __post_init__(self) -> None:
         self.spec()
@@ -51,21 +60,47 @@ class MovementConfig:
                               f"{self.prune_end})")
         if self.prune_end > 1:
             raise ConfigError(f"--prune-end {self.prune_end} ends the schedule after the last step; use at most 1")
+        if self.scores not in ("sum", "adam"):
+            raise ConfigError(f"--scores takes sum or adam, not {self.scores!r}")
+        if not self.score_lr > 0:
+            raise ConfigError(f"--score-lr must be > 0 (got {self.score_lr})")
 
     def spec(self):
         return parse_sparsity(self.sparsity)
 
 
-class _Mask(nn.Module):
-    """The parametrization W -> W * mask, recording S -= W * dL/dW' in training."""
+class _Straight(torch.autograd.Function):
+    """W' = W * M(S) with M the current top-k mask; straight through to the scores: dL/dS = dL/dW' * W
+    (Sanh et al. 2020, eq. 4), dL/dW = dL/dW' * M."""
 
-    def __init__(self, weight: Tensor) -> None:
+    @staticmethod
+    def forward(ctx, W: Tensor, S: Tensor, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(W, mask)
+        return W * mask
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        W, mask = ctx.saved_tensors
+        return g * mask, (g * W).to(torch.float32), None
+
+
+class _Mask(nn.Module):
+    """The parametrization W -> W * mask, recording S -= W * dL/dW' in training (scores="sum"), or with S a
+    parameter the optimizer trains through the straight-through mask (scores="adam")."""
+
+    def __init__(self, weight: Tensor, learned: bool = False) -> None:
         super().__init__()
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool), persistent=False)
-        self.scores = torch.zeros_like(weight, dtype=torch.float32)
+        self.learned = learned
+        if learned:
+            self.scores = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
+        else:
+            self.scores = torch.zeros_like(weight, dtype=torch.float32)
         self.weight: Tensor | None = None
 
     def forward(self, W: Tensor) -> Tensor:
+        if self.learned:
+            return _Straight.apply(W, self.scores, self.mask)
         out = W * self.mask
         if out.requires_grad:
             w = W.detach()
@@ -95,7 +130,7 @@ class Movement:
                                   f"{_in_features(self.layers[bad])}")
         self.masks: dict[str, _Mask] = {}
         for name, m in self.layers.items():
-            p = _Mask(m.weight)
+            p = _Mask(m.weight, learned=config.scores == "adam")
             parametrize.register_parametrization(m, "weight", p)
             self.masks[name] = p
         self.start = round(config.prune_start * total)
@@ -116,19 +151,22 @@ class Movement:
             for p in self.masks.values():
                 p.mask.fill_(True)
             return
-        oriented = [_out_in(self.layers[n], self.masks[n].scores) for n in names]
+        oriented = [_out_in(self.layers[n], self.masks[n].scores.detach()) for n in names]
         keep = score_masks(oriented, s, "global" if self.config.variant == "soft" else "layer")
         for n, k in zip(names, keep):
             self.masks[n].mask.copy_(_out_in(self.layers[n], k))
 
     def state(self) -> dict[str, Tensor]:
-        out = {f"movement.scores.{n}": p.scores for n, p in self.masks.items()}
+        """The step, and the accumulated scores (learned scores are trained parameters: the plan saves them)."""
+        out = {f"movement.scores.{n}": p.scores for n, p in self.masks.items() if not p.learned}
         out["movement.step"] = torch.tensor(self.step)
         return out
 
     def load(self, tensors: dict[str, Tensor]) -> None:
-        for n, p in self.masks.items():
-            p.scores.copy_(tensors[f"movement.scores.{n}"])
+        with torch.no_grad():
+            for n, p in self.masks.items():
+                if not p.learned:
+                    p.scores.copy_(tensors[f"movement.scores.{n}"])
         self.update(int(tensors["movement.step"]))
 
     def finish(self) -> dict[str, Tensor]:
@@ -163,6 +201,14 @@ def prepare_movement(model: nn.Module, config: MovementConfig, ctx) -> object:
     mv = Movement(model, config, ctx.total_steps)
     plan = _plan(model, None, {"method": "movement", **asdict(config), "pruned_layers": len(mv.layers)})
     params = plan.params
+
+    if config.scores == "adam":
+        if ctx.lr is None:
+            raise ConfigError("movement with learned scores needs the run's learning rate")
+        for k in params:
+            if k.endswith(".scores"):
+                plan.lr_scale[k] = config.score_lr / ctx.lr
+        plan.info["score_parameters"] = sum(p.numel() for k, p in params.items() if k.endswith(".scores"))
 
     def state() -> dict[str, Tensor]:
         return {**{k: p.detach() for k, p in params.items()}, **mv.state()}

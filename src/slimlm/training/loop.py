@@ -127,8 +127,10 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
             log.info("training on glibc's malloc: peak memory is about twice what a step holds (freed "
                      "activations stay in a fragmented heap); `slimlm train` switches to tcmalloc where one is "
                      "installed, see TrainConfig.release_memory and README.md")
+    scale = {id(plan.params[k]): v for k, v in plan.lr_scale.items()}
     opt = make_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                         no_decay=is_vector)                  # biases, norms (and DoRA's magnitudes): no decay
+                         no_decay=is_vector,                  # biases, norms (and DoRA's magnitudes): no decay
+                         lr_scale=(lambda p: scale.get(id(p), 1.0)) if scale else None)
     def plain_loss(m: nn.Module, b: Batch) -> tuple[Tensor, Tensor]:
         return lm_loss(m, b, cfg.loss_chunk)
 
@@ -156,7 +158,7 @@ def train(model: nn.Module, plan: TrainPlan, data, cfg: TrainConfig, *, output: 
             lr = lr_at(step, total=total, warmup=warmup, base_lr=cfg.lr, schedule=cfg.schedule,
                        min_lr_ratio=cfg.min_lr_ratio)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             t0 = time.perf_counter()
             micro = [data.batch(step * per_step + k * dist.world + dist.rank) for k in range(cfg.grad_accum)]
             count = dist.sum_(torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro), dtype=torch.float64,

@@ -26,9 +26,12 @@ def is_vector(p: Tensor) -> bool:
 
 
 def param_groups(params: Iterable[Tensor], weight_decay: float,
-                 no_decay: Callable[[Tensor], bool] | None = None) -> list[dict]:
+                 no_decay: Callable[[Tensor], bool] | None = None,
+                 lr_scale: Callable[[Tensor], float] | None = None) -> list[dict]:
     """Trainable params split into a group with `weight_decay` and one with none (where no_decay(p) is
-    true); params that do not require grad (a frozen base model) are left out; empty groups are dropped."""
+    true); params that do not require grad (a frozen base model) are left out; empty groups are dropped.
+    With lr_scale, each group is split further by lr_scale(p) (recorded as the group's "lr_scale": the
+    schedule's learning rate is multiplied by it)."""
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ConfigError("no parameter requires grad: unfreeze the parameters to train (e.g. the LoRA "
@@ -37,13 +40,21 @@ def param_groups(params: Iterable[Tensor], weight_decay: float,
     plain_ids = {id(p) for p in plain}
     decay = [p for p in trainable if id(p) not in plain_ids]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if lr_scale is None:
+        return groups
+    out = []
+    for g in groups:
+        scales = sorted({lr_scale(p) for p in g["params"]})
+        out += [{**g, "params": [p for p in g["params"] if lr_scale(p) == k], "lr_scale": k} for k in scales]
+    return out
 
 
 def make_optimizer(params: Iterable[Tensor], name: Literal["adamw", "adamw8bit", "sgd"] = "adamw", *,
                    lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                    eps: float = 1e-8, momentum: float = 0.9,
-                   no_decay: Callable[[Tensor], bool] | None = None) -> torch.optim.Optimizer:
+                   no_decay: Callable[[Tensor], bool] | None = None,
+                   lr_scale: Callable[[Tensor], float] | None = None) -> torch.optim.Optimizer:
     """An optimizer over the trainable tensors of `params` (those with requires_grad).
 
     name: "adamw" (torch.optim.AdamW), "adamw8bit" (bitsandbytes' AdamW8bit, see the module docstring) or
@@ -57,7 +68,7 @@ def make_optimizer(params: Iterable[Tensor], name: Literal["adamw", "adamw8bit",
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if lr < 0 or weight_decay < 0:
         raise ConfigError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
-    groups = param_groups(params, weight_decay, no_decay)
+    groups = param_groups(params, weight_decay, no_decay, lr_scale)
     if name == "sgd":
         if not 0 <= momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {momentum}")

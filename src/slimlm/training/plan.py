@@ -31,6 +31,8 @@ class TrainPlan:
     after_step(step): called after each optimizer step (masks, schedules of the method's own).
     finish(): called once after the last step, before saving, with or without an output: turns what training
         needed (masks, hooks) into the final model in memory; returns figures for the report (or None).
+    lr_scale: parameter name -> multiplier of the schedule's learning rate (default 1), for parameters that
+        train at their own rate (movement pruning's scores).
     info: figures for the report (trainable parameters, ...)."""
     params: dict[str, nn.Parameter]
     save: Callable[[nn.Module, Any, Path], None]
@@ -39,6 +41,7 @@ class TrainPlan:
     load_state: Callable[[dict[str, Tensor]], None] | None = None
     after_step: Callable[[int], None] | None = None
     finish: Callable[[], dict | None] | None = None
+    lr_scale: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
     def state_tensors(self) -> dict[str, Tensor]:

@@ -73,6 +73,7 @@ CASES = {
     **{f"intrinsic_d{d}": ("fp32", {"method": "intrinsic", "dim": d, "lr": float(f"{0.1 / d ** 0.5:.1e}")}, None)
        for d in INTRINSIC_DIMS},
     "gum_20": ("fp32", {"method": "gum", "ratio": 0.2}, None),
+    "gum_20_layer": ("fp32", {"method": "gum", "ratio": 0.2, "selection": "layer"}, None),   # the regularizer alone
     "movement_struct20": ("fp32", {"method": "gum", "ratio": 0.2, "uniqueness": 0.0, "selection": "layer"}, None),
     "magnitude_struct20_ft": ("magstruct_20", {"method": "full"}, None),
     "qat_lora_gptq3": ("gptq_w3g64", {"method": "qat", "lora_r": R, "lora_alpha": ALPHA, "lr": 1e-3}, None),

@@ -29,7 +29,7 @@ from train import SEQLEN, WORK, FileBatches, base_path  # noqa: E402
 import protocol as P  # noqa: E402
 
 STUDENT = "layers:every-2"
-LR = {"distill": 1e-4, "lora": 1e-3}
+LR = {"distill": 1e-4}
 
 # row -> (student spec or base folder, DistillConfig options, extra)
 ROWS = {

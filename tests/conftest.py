@@ -149,3 +149,23 @@ class StopAt:
 
     def describe(self) -> dict:
         return self.data.describe()
+
+
+def step_losses(folder) -> list[float]:
+    """The loss of every optimizer step of a finished run, from its metrics.jsonl."""
+    import json
+    return [json.loads(x)["loss"] for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_resumes_exactly(run, data, at: int, tmp_path):
+    """run(data, output, resume) trains once straight through (into tmp_path/"a"), once interrupted as Ctrl-C
+    would when batch `at` is first asked for and then resumed (tmp_path/"b"); `data()` gives fresh training
+    data. Both runs must log the same loss at every step. Returns what the uninterrupted run returned."""
+    from slimlm.errors import Interrupted
+
+    first = run(data(), tmp_path / "a", False)
+    with pytest.raises(Interrupted):
+        run(StopAt(data(), at), tmp_path / "b", False)
+    run(data(), tmp_path / "b", True)
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+    return first

@@ -4,7 +4,6 @@ teacher, and the method on the loop (trains, agrees more with its teacher, saves
 loads, resumes exactly); bad input in one line."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -22,7 +21,7 @@ from slimlm.errors import ConfigError, Interrupted
 from slimlm.training import data as TD
 from slimlm.training.config import TrainConfig
 
-from conftest import TEXT, VOCAB, StopAt, random_windows, tiny_tokenizer
+from conftest import TEXT, VOCAB, assert_resumes_exactly, random_windows, tiny_tokenizer
 
 
 def _logits(seed: int, C: int = 6, V: int = 11):
@@ -239,18 +238,16 @@ def test_hidden_states_of_different_widths_go_through_a_learned_projection(tmp_p
     assert report["trainable_parameters"] == n_student + 2 * 32 * 64          # two projections 32 -> 64
 
 
-def test_distillation_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("config", [DistillConfig(loss="jsd", hidden_weight=0.5),
+                                    DistillConfig(loss="jsd", alpha=1.0, on_policy=0.5, gen_tokens=8)],
+                         ids=["jsd+hidden", "on-policy"])
+def test_distillation_resumes_exactly(config, tmp_path):
     cfg = TrainConfig(steps=6, seqlen=32, batch_size=2, lr=1e-3, save_every=3)
-    config = DistillConfig(loss="jsd", hidden_weight=0.5)
-    api.distill(deep_teacher(4), "layers:every-2", config, windows_data(6), cfg, output=tmp_path / "a", progress=False)
-    with pytest.raises(Interrupted):
-        api.distill(deep_teacher(4), "layers:every-2", config, StopAt(windows_data(6), 4), cfg, output=tmp_path / "b",
-                    progress=False)
-    api.distill(deep_teacher(4), "layers:every-2", config, windows_data(6), cfg, output=tmp_path / "b", resume=True,
-                progress=False)
-    la, lb = ([json.loads(r)["loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("a", "b"))
-    assert la == lb and len(la) == 6
+
+    def run(data, output, resume):
+        return api.distill(deep_teacher(4), "layers:every-2", config, data, cfg, output=output, resume=resume,
+                           progress=False)
+    assert_resumes_exactly(run, lambda: windows_data(6), 4, tmp_path)
 
 
 def test_on_policy_batches_are_the_students_continuations():
@@ -269,20 +266,6 @@ def test_on_policy_batches_are_the_students_continuations():
     assert torch.equal(labels[:, 21:31], ids[:, 22:32])                   # targets: the generated tokens only
     with pytest.raises(ConfigError, match="not --loss ce"):
         DistillConfig(loss="ce", on_policy=0.5)
-
-
-def test_on_policy_distillation_resumes_exactly(tmp_path):
-    cfg = TrainConfig(steps=6, seqlen=32, batch_size=2, lr=1e-3, save_every=3)
-    config = DistillConfig(loss="jsd", alpha=1.0, on_policy=0.5, gen_tokens=8)
-    api.distill(deep_teacher(4), "layers:every-2", config, windows_data(6), cfg, output=tmp_path / "a", progress=False)
-    with pytest.raises(Interrupted):
-        api.distill(deep_teacher(4), "layers:every-2", config, StopAt(windows_data(6), 4), cfg, output=tmp_path / "b",
-                    progress=False)
-    api.distill(deep_teacher(4), "layers:every-2", config, windows_data(6), cfg, output=tmp_path / "b", resume=True,
-                progress=False)
-    la, lb = ([json.loads(r)["loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("a", "b"))
-    assert la == lb
 
 
 def test_cross_entropy_only_ignores_the_teacher(tmp_path):
@@ -542,27 +525,13 @@ def test_bert_masking_follows_80_10_10():
     assert torch.equal(inputs[~chosen], ids[~chosen])
 
 
-def _bert(layers: int, head: str, seed: int = 0):
-    from transformers import BertConfig, BertForMaskedLM, BertModel
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=128)
-    m = (BertForMaskedLM if head == "mlm" else BertModel)(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return m.eval()
-
-
 @pytest.mark.parametrize("head", ["mlm", "none"])
 def test_encoders_distil_with_distilberts_triple_loss_or_their_hidden_states(head, tmp_path):
-    from test_encoders import bert_tokenizer
+    from test_encoders import bert_tokenizer, tiny_bert
 
     from slimlm import metrics as M
 
-    teacher = _bert(4, head)
+    teacher = tiny_bert(head, layers=4)
     student = build_student(teacher, "layers:every-2")
     x = random_windows(6, 32, seed=4).clamp(min=5)
     before = M.embedding_agreement(student, teacher, x, progress=False)["embedding_cosine_mean"]
@@ -577,7 +546,7 @@ def test_encoders_distil_with_distilberts_triple_loss_or_their_hidden_states(hea
 
 
 def test_a_quantized_teacher(tmp_path):
-    """A teacher that does not fit beside the student in float: any slimlm format, here GPTQ 4-bit packed."""
+    """A teacher that does not fit beside the student in float: any slimlm format, here RTN 4-bit packed."""
     from slimlm.formats.native import runtime_modules
 
     teacher = deep_teacher(4)

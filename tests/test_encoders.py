@@ -34,13 +34,13 @@ def bert_tokenizer():
                                    sep_token="[SEP]", mask_token="[MASK]")
 
 
-def tiny_bert(head: str = "mlm", seed: int = 0):
+def tiny_bert(head: str = "mlm", seed: int = 0, layers: int = 2):
     """A tiny random BertForMaskedLM ("mlm") or bare BertModel ("none"), eval mode, weights widened so the
     predictions are far from uniform."""
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=128)
     model = (BertForMaskedLM if head == "mlm" else BertModel)(cfg)
     with torch.no_grad():

@@ -5,8 +5,6 @@ per layer), saves a smaller model that reloads with the same logits and resumes 
 interruption; bad input in one line."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,13 +14,13 @@ from slimlm import api
 from slimlm.adapt.methods import TrainContext
 from slimlm.cli import main
 from slimlm.core.structured import neuron_redundancy, uniqueness_penalty
-from slimlm.errors import ConfigError, Interrupted
+from slimlm.errors import ConfigError
 from slimlm.pruning.gum import GumConfig, prepare_gum
 from slimlm.pruning.structured import find_layers, find_parts, model_dims
 from slimlm.training import data as TD
 from slimlm.training.config import TrainConfig
 
-from conftest import TEXT, StopAt, random_windows, tiny_model
+from conftest import TEXT, assert_resumes_exactly, random_windows, tiny_model
 
 
 def windows_data(steps: int, batch: int = 2, seqlen: int = 32):
@@ -108,9 +106,12 @@ def test_uniqueness_lowers_the_scores_of_duplicated_neurons():
 def test_gum_removes_its_share_saves_a_smaller_model_and_resumes(tmp_path, selection):
     cfg = TrainConfig(steps=8, seqlen=32, batch_size=2, lr=1e-3, save_every=4)
     config = GumConfig(ratio=0.5, selection=selection, min_keep=0.2, prune_start=0.1, prune_end=0.5)
-    model = tiny_model("llama")
-    inter, layers = model.config.intermediate_size, model.config.num_hidden_layers
-    report = api.train(model, config, windows_data(8), cfg, output=tmp_path / "a", progress=False)
+
+    def run(data, output, resume):
+        model = tiny_model("llama")
+        return model, api.train(model, config, data, cfg, output=output, resume=resume, progress=False)
+    model, report = assert_resumes_exactly(run, lambda: windows_data(8), 6, tmp_path)
+    inter, layers = tiny_model("llama").config.intermediate_size, model.config.num_hidden_layers
     widths = report["intermediate_per_layer"]
     assert sum(widths) == inter * layers - round(0.5 * inter * layers)
     assert min(widths) >= round(0.2 * inter)
@@ -128,14 +129,6 @@ def test_gum_removes_its_share_saves_a_smaller_model_and_resumes(tmp_path, selec
         with torch.no_grad():
             torch.testing.assert_close(plain(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
 
-    with pytest.raises(Interrupted):
-        api.train(tiny_model("llama"), config, StopAt(windows_data(8), 6), cfg, output=tmp_path / "b",
-                  progress=False)
-    api.train(tiny_model("llama"), config, windows_data(8), cfg, output=tmp_path / "b", resume=True,
-              progress=False)
-    la, lb = ([json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("a", "b"))
-    assert la == lb
 
 
 def test_bad_input(model_dir, tmp_path, capsys):

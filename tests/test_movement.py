@@ -3,8 +3,6 @@ a run that reaches its sparsity, resumes exactly after an interruption and saves
 reloads with the same logits; fine-tuning a pruned model keeps its zeros."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -14,12 +12,12 @@ from slimlm.adapt.methods import FullConfig
 from slimlm.calibration.common import find_blocks, is_linear
 from slimlm.cli import main
 from slimlm.core.prune import cubic_sparsity, score_masks
-from slimlm.errors import ConfigError, Interrupted
+from slimlm.errors import ConfigError
 from slimlm.pruning.movement import MovementConfig
 from slimlm.training import data as TD
 from slimlm.training.config import TrainConfig
 
-from conftest import TEXT, StopAt, random_windows, tiny_model
+from conftest import TEXT, assert_resumes_exactly, random_windows, tiny_model
 
 
 def windows_data(steps: int, batch: int = 2, seqlen: int = 32):
@@ -63,11 +61,18 @@ def _block_linears(model):
     return [m for m in find_blocks(model)[1].modules() if is_linear(m)]
 
 
+def _run(config, cfg):
+    """A run(data, output, resume) for assert_resumes_exactly, returning (model, report)."""
+    def run(data, output, resume):
+        model = tiny_model("llama")
+        return model, api.train(model, config, data, cfg, output=output, resume=resume, progress=False)
+    return run
+
+
 def test_movement_reaches_its_sparsity_resumes_exactly_and_saves_a_sparse_model(tmp_path):
     cfg = TrainConfig(steps=8, seqlen=32, batch_size=2, lr=1e-3, save_every=4)
-    config = MovementConfig(sparsity="0.6", prune_start=0.1, prune_end=0.5)
-    model = tiny_model("llama")
-    report = api.train(model, config, windows_data(8), cfg, output=tmp_path / "a", progress=False)
+    run = _run(MovementConfig(sparsity="0.6", prune_start=0.1, prune_end=0.5), cfg)
+    model, report = assert_resumes_exactly(run, lambda: windows_data(8), 6, tmp_path)
     assert report["method"] == "movement"
     for m in _block_linears(model):                             # hard: every layer at 60%
         assert (m.weight == 0).float().mean().item() == pytest.approx(0.6, abs=1e-3)
@@ -75,15 +80,6 @@ def test_movement_reaches_its_sparsity_resumes_exactly_and_saves_a_sparse_model(
     x = random_windows(2, 12, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
-
-    with pytest.raises(Interrupted):
-        api.train(tiny_model("llama"), config, StopAt(windows_data(8), 6), cfg, output=tmp_path / "b",
-                  progress=False)
-    api.train(tiny_model("llama"), config, windows_data(8), cfg, output=tmp_path / "b", resume=True,
-              progress=False)
-    la, lb = ([json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("a", "b"))
-    assert la == lb
 
 
 def test_movement_ranks_by_movement_not_magnitude():
@@ -153,20 +149,11 @@ def test_learned_scores_train_through_the_straight_through_mask_at_their_own_rat
     assert all(v == pytest.approx(10.0) for v in plan.lr_scale.values())
     assert len(plan.lr_scale) == len(mv.layers)
 
-    cfg = TrainConfig(steps=8, seqlen=32, batch_size=2, lr=1e-3, save_every=4)
-    trained = tiny_model("llama")
-    report = api.train(trained, config, windows_data(8), cfg, output=tmp_path / "a", progress=False)
+    run = _run(config, TrainConfig(steps=8, seqlen=32, batch_size=2, lr=1e-3, save_every=4))
+    trained, report = assert_resumes_exactly(run, lambda: windows_data(8), 6, tmp_path)
     assert report["score_parameters"] == sum(m.weight.numel() for m in _block_linears(trained))
     for m in _block_linears(trained):
         assert (m.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
-    with pytest.raises(Interrupted):
-        api.train(tiny_model("llama"), config, StopAt(windows_data(8), 6), cfg, output=tmp_path / "b",
-                  progress=False)
-    api.train(tiny_model("llama"), config, windows_data(8), cfg, output=tmp_path / "b", resume=True,
-              progress=False)
-    la, lb = ([json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("a", "b"))
-    assert la == lb
 
 
 def test_optimizer_groups_carry_their_lr_scale():

@@ -270,7 +270,7 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
     hard = 1.0 if config.loss == "ce" else 1 - config.alpha
     head_s = _head(model)
     head_t = _head(teacher) if teacher is not None else head_s
-    coarse = divergence and KD.divergence(config.loss, beta=config.beta)        # on log-probabilities
+    coarse = None if divergence is None else KD.divergence(config.loss, beta=config.beta)   # on log-probabilities
 
     calls = [0]                                       # micro-batches seen: decides and seeds on-policy batches
 
@@ -361,19 +361,11 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
             total = total + config.attention_weight * torch.where(keep, per, 0.0).sum()
         return total, count
 
-    params = plan.params
+    def extra_state() -> dict[str, Tensor]:
+        return {"distill.calls": torch.tensor(calls[0])}
 
-    def state() -> dict[str, Tensor]:
-        return {**{k: p.detach() for k, p in params.items()}, "distill.calls": torch.tensor(calls[0])}
-
-    def load_state(tensors: dict[str, Tensor]) -> None:
-        missing = sorted(set(params) - set(tensors))
-        if missing:
-            raise KeyError(f"the checkpoint lacks {missing[:3]}")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors[k])
-        calls[0] = int(tensors.get("distill.calls", torch.tensor(0)))
+    def load_extra(tensors: dict[str, Tensor]) -> None:
+        calls[0] = int(tensors["distill.calls"])
 
     def finish() -> None:
         """Drop what training needed: the value hooks (and the tensors they hold), the projections, eager
@@ -395,7 +387,7 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         plan.loss = _encoder_loss(model, teacher, config, ctx, kind, pairs, calls)
     else:
         plan.loss = loss
-    plan.state, plan.load_state, plan.finish = state, load_state, finish
+    plan.extra_state, plan.load_extra, plan.finish = extra_state, load_extra, finish
     plan.info["student_kind"] = kind
     return plan
 

@@ -81,7 +81,7 @@ class NeuronMasks:
             self.parts = find_parts(model, self.layers, self.dims)
         except (SlimlmError, ValueError) as e:
             raise ConfigError(f"GUM removes MLP neurons as structured pruning does: {e}") from None
-        if getattr(self.dims, "inter", None) is None or getattr(model.config, "slimlm_structured", None):
+        if getattr(model.config, "slimlm_structured", None):
             raise ConfigError("GUM needs every layer at the model's full MLP width; prune the original model")
         n = self.dims.inter
         self.scores = [torch.zeros(n) for _ in self.parts]
@@ -158,7 +158,7 @@ def prepare_gum(model: nn.Module, config: GumConfig, ctx) -> object:
         raise ConfigError("GUM needs the run's number of steps for its schedule")
     nm = NeuronMasks(model, config, ctx.total_steps)
     plan = _plan(model, None, {"method": "gum", **asdict(config), "layers": len(nm.parts)})
-    params, keep_zeros = plan.params, plan.after_step
+    keep_zeros = plan.after_step
 
     def loss(model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
         nm.penalties.clear()
@@ -169,24 +169,12 @@ def prepare_gum(model: nn.Module, config: GumConfig, ctx) -> object:
             total = total + config.uniqueness * reg * count
         return total, count
 
-    def state() -> dict[str, Tensor]:
-        return {**{k: p.detach() for k, p in params.items()}, **nm.state()}
-
-    def load_state(tensors: dict[str, Tensor]) -> None:
-        missing = sorted(set(params) - set(tensors))
-        if missing or "gum.step" not in tensors:
-            raise KeyError(f"the checkpoint lacks {(missing or ['gum.step'])[:3]}")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors[k])
-        nm.load(tensors)
-
 
     def after_step(step: int) -> None:
         if keep_zeros is not None:
             keep_zeros(step)
         nm.update(step)
 
-    plan.loss, plan.state, plan.load_state, plan.after_step, plan.finish = loss, state, load_state, after_step, nm.finish
+    plan.loss, plan.extra_state, plan.load_extra, plan.after_step, plan.finish = loss, nm.state, nm.load, after_step, nm.finish
     model.__dict__["slimlm_gum"] = nm
     return plan

@@ -210,18 +210,6 @@ def prepare_movement(model: nn.Module, config: MovementConfig, ctx) -> object:
                 plan.lr_scale[k] = config.score_lr / ctx.lr
         plan.info["score_parameters"] = sum(p.numel() for k, p in params.items() if k.endswith(".scores"))
 
-    def state() -> dict[str, Tensor]:
-        return {**{k: p.detach() for k, p in params.items()}, **mv.state()}
-
-    def load_state(tensors: dict[str, Tensor]) -> None:
-        missing = sorted(set(params) - set(tensors))
-        if missing or "movement.step" not in tensors:
-            raise KeyError(f"the checkpoint lacks {(missing or ['movement.step'])[:3]}")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors[k])
-        mv.load(tensors)
-
     def finish() -> None:
         masks = mv.finish()
         model.slimlm_masks = {**(getattr(model, "slimlm_masks", None) or {}), **masks}
@@ -229,7 +217,7 @@ def prepare_movement(model: nn.Module, config: MovementConfig, ctx) -> object:
     def after_step(step: int) -> None:
         mv.update(step)
 
-    plan.state, plan.load_state, plan.after_step, plan.finish = state, load_state, after_step, finish
+    plan.extra_state, plan.load_extra, plan.after_step, plan.finish = mv.state, mv.load, after_step, finish
     plan.info["final_sparsity"] = str(config.sparsity)
     model.__dict__["slimlm_movement"] = mv
     return plan

@@ -22,12 +22,13 @@ Batch = dict[str, Tensor]
 
 @dataclass
 class TrainPlan:
-    """params: the trainable parameters by stable name (the checkpoint's keys unless `state` says otherwise).
+    """params: the trainable parameters by stable name (the checkpoint's keys).
     loss(model, batch) -> (sum of the loss over the batch's target tokens, their count): the loop divides by
         the count over the whole optimizer step (every micro-batch, every process), so accumulation and data
         parallelism give the mean over the step's tokens exactly.
     save(model, tokenizer, folder): write the method's result into an existing, empty folder.
-    state() / load_state(tensors): what a checkpoint holds besides the optimizer (default: params).
+    extra_state() / load_extra(tensors): tensors a checkpoint holds besides the params and the optimizer (a
+        method's scores, step, counters), and how to take them back (a missing key raises KeyError).
     after_step(step): called after each optimizer step (masks, schedules of the method's own).
     finish(): called once after the last step, before saving, with or without an output: turns what training
         needed (masks, hooks) into the final model in memory; returns figures for the report (or None).
@@ -37,28 +38,28 @@ class TrainPlan:
     params: dict[str, nn.Parameter]
     save: Callable[[nn.Module, Any, Path], None]
     loss: Callable[[nn.Module, Batch], tuple[Tensor, Tensor]] | None = None
-    state: Callable[[], dict[str, Tensor]] | None = None
-    load_state: Callable[[dict[str, Tensor]], None] | None = None
+    extra_state: Callable[[], dict[str, Tensor]] | None = None
+    load_extra: Callable[[dict[str, Tensor]], None] | None = None
     after_step: Callable[[int], None] | None = None
     finish: Callable[[], dict | None] | None = None
     lr_scale: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
     def state_tensors(self) -> dict[str, Tensor]:
-        if self.state is not None:
-            return self.state()
-        return {k: p.detach() for k, p in self.params.items()}
+        out = {k: p.detach() for k, p in self.params.items()}
+        if self.extra_state is not None:
+            out.update(self.extra_state())
+        return out
 
     def restore(self, tensors: dict[str, Tensor]) -> None:
-        if self.load_state is not None:
-            self.load_state(tensors)
-            return
         missing = sorted(set(self.params) - set(tensors))
         if missing:
             raise KeyError(f"the checkpoint lacks {missing[:3]}")
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(tensors[k])
+        if self.load_extra is not None:
+            self.load_extra(tensors)
 
 
 def hidden_states(model: nn.Module, batch: Batch) -> Tensor:

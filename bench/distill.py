@@ -102,12 +102,10 @@ def run_one(row: str, steps: int) -> dict:
             t0 = time.perf_counter()
             cache = WORK / f"teacher_cache_k{extra['cache_k']}_{steps}"
             if not cache.exists():
-                meta = build_cache(teacher, data, cache, k=extra["cache_k"], temperature=config.temperature,
-                                   progress=False)
+                build_cache(teacher, data, cache, k=extra["cache_k"], temperature=config.temperature, progress=False)
                 res["cache_build_s"] = time.perf_counter() - t0
             data = CachedTeacherData(data, cache, teacher=teacher, temperature=config.temperature)
-            meta = data.meta
-            res["cache"] = {k: meta[k] for k in ("k", "bytes_per_token", "bytes_on_disk", "tokens")}
+            res["cache"] = {k: data.meta[k] for k in ("k", "bytes_per_token", "bytes_on_disk", "tokens")}
             t_teacher = None
         report = api.distill(t_teacher, student, config, data, cfg, output=out, progress=False)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -5,6 +5,7 @@
     python bench/distill.py run [--only ...] [--steps 50]
     python bench/distill.py peer [--only forward_kl,jsd]   # TRL's GKD trainer at the same settings
     python bench/distill.py encoder               # all-MiniLM-L6-v2 into 3 layers
+    python bench/distill.py blackbox              # fine-tuned on the teacher's generations vs on raw text
     python bench/distill.py table
 
 Data and budget: the training benchmark's batches (4 windows of 512 tokens a step from the three training
@@ -91,7 +92,12 @@ def run_one(row: str, steps: int) -> dict:
     if opts is not None:
         config = DistillConfig(**opts)
         data = FileBatches(WORK / "batches.safetensors", steps)
-        cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=4, lr=LR["distill"])
+        # perplexity on the persuasion windows at half the budget and at the end (the loop's own evaluation):
+        # the "reaches the cross-entropy student's final perplexity in half the tokens" target reads it
+        cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=4, lr=LR["distill"],
+                                 eval_every=max(1, steps // 2))
+        from safetensors.torch import load_file
+        eval_w = load_file(str(WORK / "eval_persuasion.safetensors"))["windows"]
         out = WORK / f"distill_{row}"
         import shutil
         shutil.rmtree(out, ignore_errors=True)
@@ -107,8 +113,10 @@ def run_one(row: str, steps: int) -> dict:
             data = CachedTeacherData(data, cache, teacher=teacher, temperature=config.temperature)
             res["cache"] = {k: data.meta[k] for k in ("k", "bytes_per_token", "bytes_on_disk", "tokens")}
             t_teacher = None
-        report = api.distill(t_teacher, student, config, data, cfg, output=out, progress=False)
+        report = api.distill(t_teacher, student, config, data, cfg, output=out, progress=False, eval_data=eval_w)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        res["persuasion_ppl_by_step"] = {0: report.get("eval_perplexity_before"),
+                                         **{r["step"]: r["eval_perplexity"] for r in rows if "eval_perplexity" in r}}
         res.update(config=opts, lr=LR["distill"], tokens=sum(r["tokens"] for r in rows),
                    loss=[r["loss"] for r in rows], step_s=[r["seconds"] for r in rows],
                    step_s_median=report.get("step_seconds_median"), tokens_per_s=report.get("tokens_per_s"))
@@ -152,6 +160,104 @@ def run_encoder(steps: int) -> dict:
             "step_s_median": rep.get("step_seconds_median"), "peak_rss_mb": M.peak_rss_bytes() / 2**20,
             "embedding_cosine_untrained": before, "embedding_cosine_distilled": after,
             "held_out": f"{P.EVAL_TEXTS['northangerabbey']}: 64 windows of {seqlen}"}
+
+
+def _passages(tok, texts: list[str], n: int, seed: int, prompt_tokens: int = 48, cont_tokens: int = 96):
+    """n (passage, true continuation) pairs cut at random token offsets of the texts."""
+    import torch
+
+    from slimlm import data as D
+
+    ids = torch.cat([D.tokenize(tok, D.load_text(P.corpus(t))) for t in texts])
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - prompt_tokens - cont_tokens, (n,), generator=g).tolist()
+    return [(tok.decode(ids[s:s + prompt_tokens]).strip(),
+             tok.decode(ids[s + prompt_tokens:s + prompt_tokens + cont_tokens]).strip()) for s in starts]
+
+
+def _response_agreement(teacher, student, tok, pairs: list[tuple[str, str]]) -> dict:
+    """KL(teacher || student) and top-1 agreement over the response tokens of chat-rendered (prompt, response)
+    pairs: the positions that predict the assistant's tokens, both models reading the same ids."""
+    import torch
+    import torch.nn.functional as F
+
+    from slimlm.training.data import _chat
+
+    kls, agree, n = 0.0, 0, 0
+    teacher.eval(), student.eval()
+    with torch.no_grad():
+        for prompt, response in pairs:
+            ids, trained = _chat(tok, [{"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": response}], "held-out")
+            x = torch.tensor([ids])
+            pos = torch.tensor(trained[1:]).nonzero().squeeze(1)        # logits at t predict token t + 1
+            lt = F.log_softmax(teacher(input_ids=x).logits[0, :-1][pos].float(), -1)
+            ls = F.log_softmax(student(input_ids=x).logits[0, :-1][pos].float(), -1)
+            kls += (lt.exp() * (lt - ls)).sum().item()
+            agree += (lt.argmax(-1) == ls.argmax(-1)).sum().item()
+            n += pos.numel()
+    return {"kl_divergence": kls / n, "top1_agreement": agree / n, "positions": n}
+
+
+def run_blackbox(steps: int, prompts: int = 64, held: int = 16, batch: int = 8) -> dict:
+    """Black-box distillation: the teacher answers prompts cut from the training text ("Continue this
+    passage: ..."; `slimlm generate`'s LocalTeacher, chat template, 2 sampled responses each, deduplicated);
+    the every-other-layer student is fine-tuned (full, loss on the responses only, chat-rendered) on those
+    pairs, against the same student fine-tuned on twice as many passages of the same training text paired
+    with the book's own continuation (the raw text), same steps and batch. Judged by KL(teacher || student)
+    and top-1 agreement on the teacher's responses to held-out prompts cut from an evaluation text."""
+    import torch
+    from train import TRAIN_TEXTS
+
+    import slimlm
+    from slimlm import api
+    from slimlm import metrics as M
+    from slimlm.distill import blackbox as BB
+    from slimlm.distill.students import build_student
+    from slimlm.training import data as TD
+
+    torch.set_num_threads(P.THREADS)
+    tok = slimlm.load_tokenizer(P.MODEL)
+    teacher = slimlm.load_model(base_path("fp32"))
+    ask = "Continue this passage:\n\n{}"
+    s = BB.Sampling(n=2, max_new_tokens=96, temperature=0.8, top_p=0.95, seed=0)
+    gen = WORK / f"blackbox_gen_{prompts}.jsonl"
+    t0 = time.perf_counter()
+    train_pairs = _passages(tok, [*TRAIN_TEXTS], 2 * prompts, seed=1)
+    if not gen.exists():
+        BB.generate(BB.LocalTeacher(teacher, tok), [ask.format(p) for p, _ in train_pairs[:prompts]], s, gen)
+    gen_s = time.perf_counter() - t0
+    held_path = WORK / f"blackbox_held_{held}.jsonl"
+    if not held_path.exists():
+        hp = [ask.format(p) for p, _ in _passages(tok, [P.EVAL_TEXTS["persuasion"]], held, seed=2)]
+        BB.generate(BB.LocalTeacher(teacher, tok), hp, BB.Sampling(n=1, max_new_tokens=96, seed=1), held_path)
+    held_pairs = [(r["prompt"], r["response"]) for r in map(json.loads, held_path.read_text().splitlines())]
+
+    def as_messages(path: Path, pairs) -> Path:
+        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                         {"role": "assistant", "content": r}]}) + "\n"
+                                for p, r in pairs))
+        return path
+
+    arms = {"teacher_generations": as_messages(WORK / "blackbox_train_generations.jsonl",
+                                               [(r["prompt"], r["response"]) for r in
+                                                map(json.loads, gen.read_text().splitlines())]),
+            "raw_text": as_messages(WORK / "blackbox_train_raw.jsonl",
+                                    [(ask.format(p), c) for p, c in train_pairs])}
+    res: dict = {"row": "blackbox", "steps": steps, "batch": batch, "lr": LR["distill"], "cpu": P.machine(),
+                 "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "generation_s": gen_s,
+                 "held_out": f"{held} prompts from {P.EVAL_TEXTS['persuasion']}, the teacher's responses",
+                 "untrained": _response_agreement(teacher, build_student(teacher, STUDENT), tok, held_pairs)}
+    for arm, path in arms.items():
+        student = build_student(teacher, STUDENT)
+        data = TD.instruction_data(path, tok, seqlen=SEQLEN, batch_size=batch, batches=steps, truncate=True)
+        rep = api.train(student, slimlm.FullConfig(), data, slimlm.TrainConfig(steps=steps, seqlen=SEQLEN,
+                        batch_size=batch, lr=LR["distill"]), tokenizer=tok, progress=False)
+        res[arm] = {"examples": data.describe()["examples"], "tokens": sum(TD.target_tokens(data.batch(i)) for i in range(len(data))),
+                    "step_s_median": rep.get("step_seconds_median"), "final_loss": rep.get("final_loss"),
+                    **_response_agreement(teacher, student, tok, held_pairs)}
+    res["peak_rss_mb"] = M.peak_rss_bytes() / 2**20
+    return res
 
 
 PEER_PY = P.ROOT / "bench" / ".venv-peft" / "bin" / "python"
@@ -214,6 +320,9 @@ def main() -> None:
     pe.add_argument("--steps", type=int, default=50)
     enc = sub.add_parser("encoder", help="all-MiniLM-L6-v2 distilled into 3 layers")
     enc.add_argument("--steps", type=int, default=100)
+    bb = sub.add_parser("blackbox", help="a student fine-tuned on the teacher's generations against raw text")
+    bb.add_argument("--steps", type=int, default=32)
+    bb.add_argument("--prompts", type=int, default=64)
     sub.add_parser("table")
     a = ap.parse_args()
     if a.cmd == "one":
@@ -230,6 +339,12 @@ def main() -> None:
         _record(res["row"], res)
         print(f"bench: encoder: embedding cosine {res['embedding_cosine_untrained']['embedding_cosine_mean']:.4f} "
               f"untrained -> {res['embedding_cosine_distilled']['embedding_cosine_mean']:.4f} distilled", flush=True)
+    elif a.cmd == "blackbox":
+        res = run_blackbox(a.steps, a.prompts)
+        _record(res["row"], res)
+        for arm in ("untrained", "raw_text", "teacher_generations"):
+            print(f"bench: blackbox {arm}: KL {res[arm]['kl_divergence']:.4f}, top-1 {res[arm]['top1_agreement']:.3f}",
+                  flush=True)
     elif a.cmd == "run":
         from slimlm.hardware import training_allocator_env
         for row in a.only.split(","):

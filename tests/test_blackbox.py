@@ -133,3 +133,18 @@ def test_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "http://127.0.0.1:9/v1/chat/completions does not answer" in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".o.jsonl*"))
+
+
+def test_local_teacher_batches_prompts_of_different_lengths_like_one_at_a_time(model_dir):
+    """Left padding with the attention mask leaves each prompt's continuation unchanged: near-greedy sampling
+    (top_p so small only the top token survives) gives the same responses one prompt at a time and batched."""
+    from slimlm import models
+
+    model, tok = models.load_model(str(model_dir)), models.load_tokenizer(str(model_dir))
+    prompts = ["It is a truth", "A single man in possession of a good fortune", "Wife", "must be in want of"]
+    s = BB.Sampling(n=2, max_new_tokens=7, top_p=1e-6)
+    alone = BB.LocalTeacher(model, tok, batch_size=1).complete(prompts, s)
+    batched = BB.LocalTeacher(model, tok, batch_size=3).complete(prompts, s)
+    assert batched == alone and len(alone) == 4 and all(len(r) == 2 and r[0] for r in alone)
+    with pytest.raises(BB.ConfigError, match="batch-size"):
+        BB.LocalTeacher(model, tok, batch_size=0)

@@ -375,6 +375,8 @@ def merge_cmd(model_ref, adapter, output, into, requantize, data, samples, seqle
 @click.option("--temperature", default=0.8, show_default=True, type=float)
 @click.option("--top-p", default=0.95, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int,
+              help="prompts a local teacher generates for at once (left-padded)")
 @click.option("--evolve", "evolve_rounds", default=0, show_default=True, type=int,
               help="rounds of Evol-Instruct-style rewriting of every prompt into a harder or broader one")
 @click.option("--self-instruct", "self_instruct_count", default=0, show_default=True, type=int,
@@ -382,7 +384,7 @@ def merge_cmd(model_ref, adapter, output, into, requantize, data, samples, seqle
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP.format(what="where a local teacher runs"))
 @click.option("--threads", type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)")
 def generate_cmd(teacher, endpoint_model, prompts, field, output, overwrite, n, max_new_tokens, temperature, top_p,
-                 seed, evolve_rounds, self_instruct_count, device, threads):
+                 seed, batch_size, evolve_rounds, self_instruct_count, device, threads):
     """A teacher's responses to prompts, for black-box distillation (then: slimlm train --data OUTPUT)."""
     from pathlib import Path
 
@@ -403,7 +405,7 @@ def generate_cmd(teacher, endpoint_model, prompts, field, output, overwrite, n, 
         from . import models
         _setup(threads)
         t = BB.LocalTeacher(models.load_model(teacher, device=_device(device)), models.load_tokenizer(teacher),
-                            name=teacher)
+                            name=teacher, batch_size=batch_size)
     t0 = time.perf_counter()
     rep = BB.generate(t, given, sampling, out, evolve_rounds=evolve_rounds, self_instruct_count=self_instruct_count)
     click.echo(f"{rep['rows']} responses to {rep['prompts']} prompts ({rep['given']} given, {rep['evolved']} evolved, "

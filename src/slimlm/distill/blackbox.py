@@ -58,10 +58,14 @@ class Sampling:
 
 
 class LocalTeacher:
-    """A model slimlm loads, prompted through its chat template when its tokenizer has one."""
+    """A model slimlm loads, prompted through its chat template when its tokenizer has one. Prompts are
+    generated `batch_size` at a time (left-padded, with the attention mask), each batch's sampling seeded from
+    the run's seed and the batch's first prompt index, so a run repeats exactly at the same batch size."""
 
-    def __init__(self, model, tokenizer, name: str = "local") -> None:
-        self.model, self.tok, self.name = model.eval(), tokenizer, name
+    def __init__(self, model, tokenizer, name: str = "local", batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
+        self.model, self.tok, self.name, self.batch_size = model.eval(), tokenizer, name, batch_size
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token or self.tok.unk_token
 
@@ -76,16 +80,21 @@ class LocalTeacher:
         import torch
 
         n = n or s.n
+        pad = self.tok.pad_token_id
         out = []
-        for i, p in enumerate(prompts):
-            ids = torch.tensor([self._render(p)])
+        for i in range(0, len(prompts), self.batch_size):
+            rows = [self._render(p) for p in prompts[i:i + self.batch_size]]
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])                     # left padding
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(s.seed * 1_000_003 + i)
-                gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
                                           temperature=s.temperature, top_p=s.top_p, top_k=0,
                                           max_new_tokens=s.max_new_tokens, num_return_sequences=n,
-                                          pad_token_id=self.tok.pad_token_id)
-            out.append([self.tok.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen])
+                                          pad_token_id=pad)
+            text = [self.tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
+            out.extend(text[k * n:(k + 1) * n] for k in range(len(rows)))     # generate repeats each row n times
         return out
 
 

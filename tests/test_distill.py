@@ -238,6 +238,45 @@ def test_hidden_states_of_different_widths_go_through_a_learned_projection(tmp_p
     assert report["trainable_parameters"] == n_student + 2 * 32 * 64          # two projections 32 -> 64
 
 
+def test_tinyberts_embedding_loss_is_the_mse_of_the_embedding_outputs():
+    """The loss with --embedding-weight w minus the loss without it is w times the per-position mean squared
+    difference of the embedding layers' outputs, summed over the trained positions; across widths it goes
+    through a learned projection (a trainable parameter of the run)."""
+    import transformers as T
+
+    from slimlm.adapt.methods import TrainContext
+    from slimlm.distill.method import prepare_distill
+
+    teacher = deep_teacher(4)
+    batch = windows_data(1).batch(0)
+
+    def loss_of(student, w):
+        plan = prepare_distill(student, DistillConfig(alpha=1.0, embedding_weight=w), TrainContext(teacher=teacher))
+        total, count = plan.loss(student, batch)
+        return total, count, plan
+
+    student = build_student(teacher, "layers:every-2")
+    with torch.no_grad():
+        student.get_input_embeddings().weight.add_(0.05 * torch.randn(student.get_input_embeddings().weight.shape,
+                                                                       generator=torch.Generator().manual_seed(3)))
+    with_e, count, _ = loss_of(student, 0.7)
+    without, _, _ = loss_of(student, 0.0)
+    ids = batch["input_ids"]
+    keep = batch["labels"] != -100
+    ref = ((student.get_input_embeddings()(ids) - teacher.get_input_embeddings()(ids)) ** 2).mean(-1)[keep].sum()
+    assert ref > 0
+    torch.testing.assert_close(with_e - without, 0.7 * ref, rtol=1e-4, atol=1e-6)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                        tie_word_embeddings=False)
+    narrow = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    total, _, plan = loss_of(narrow, 1.0)
+    proj = plan.params["distill.projection.embedding.weight"]
+    assert proj.shape == (64, 32)
+    total.backward()
+    assert proj.grad is not None and proj.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("config", [DistillConfig(loss="jsd", hidden_weight=0.5),
                                     DistillConfig(loss="jsd", alpha=1.0, on_policy=0.5, gen_tokens=8)],
                          ids=["jsd+hidden", "on-policy"])

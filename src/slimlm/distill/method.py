@@ -4,6 +4,7 @@ batch also reads a frozen teacher (slimlm.core.distill holds the losses).
     L = alpha T^2 D(p_t || p_s)                   logits at temperature T (D: forward KL, reverse KL, GJSD)
       + (1 - alpha) CE(student, labels)           the hard loss (alpha = 0: cross-entropy only)
       + hidden_weight * mean over mapped layers of MSE or 1 - cos between hidden states
+      + embedding_weight * MSE(E_s W_e, E_t)      TinyBERT's embedding loss (W_e only when the widths differ)
       + attention_weight * (MiniLM: last layer attention KL + value-relation KL;
                             TinyBERT: attention-score MSE over the mapped layers)
 
@@ -50,6 +51,9 @@ class DistillConfig:
     layer_map: str = field(default="skip", metadata={
         "help": "student:teacher layers for hidden states and TinyBERT attention: skip (Patient-KD-Skip), last "
                 "(Patient-KD-Last) or an explicit list like 0:1,1:3"})
+    embedding_weight: float = field(default=0.0, metadata={
+        "help": "weight of TinyBERT's embedding loss: MSE between the two models' embedding-layer outputs, "
+                "through a learned projection when the widths differ (0: off)"})
     attention_weight: float = field(default=0.0, metadata={"help": "weight of the attention loss (0: off)"})
     attention_loss: str = field(default="minilm", metadata={
         "help": "minilm (last layer: attention distributions and value relations) or tinybert (attention-score "
@@ -74,8 +78,8 @@ class DistillConfig:
             raise ConfigError(f"--alpha must be in [0, 1] (got {self.alpha})")
         if not 0 <= self.beta <= 1:
             raise ConfigError(f"--beta must be in [0, 1] (got {self.beta})")
-        if self.hidden_weight < 0 or self.attention_weight < 0:
-            raise ConfigError("--hidden-weight and --attention-weight must be >= 0")
+        if self.hidden_weight < 0 or self.attention_weight < 0 or self.embedding_weight < 0:
+            raise ConfigError("--hidden-weight, --embedding-weight and --attention-weight must be >= 0")
         if self.hidden_loss not in ("cosine", "mse"):
             raise ConfigError(f"--hidden-loss takes cosine or mse, not {self.hidden_loss!r}")
         if self.attention_loss not in ("minilm", "tinybert"):
@@ -211,9 +215,9 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         if config.on_policy or config.loss == "minillm":
             raise ConfigError("a teacher-logit cache scores the data's own tokens: on-policy batches and minillm (the "
                               "student's continuations) need the teacher itself; drop --teacher-cache")
-        if config.hidden_weight > 0 or config.attention_weight > 0:
-            raise ConfigError("a teacher-logit cache holds logits only: hidden-state and attention losses need the "
-                              "teacher itself (drop --teacher-cache, or --hidden-weight / --attention-weight)")
+        if config.hidden_weight > 0 or config.attention_weight > 0 or config.embedding_weight > 0:
+            raise ConfigError("a teacher-logit cache holds logits only: hidden-state, embedding and attention losses "
+                              "need the teacher itself (drop --teacher-cache, or the --*-weight options)")
         vs = model.get_output_embeddings().weight.shape[0]
         if cache["vocab"] != vs and not (cache["vocab"] > vs and ctx.tokenizer is not None and len(ctx.tokenizer) <= vs):
             raise ConfigError(f"the cache's teacher has {cache['vocab']} tokens and the student {vs}; white-box "
@@ -263,6 +267,14 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
             projections.append(lin)
         for i, lin in enumerate(projections):
             plan.params[f"distill.projection.{i}.weight"] = lin.weight
+    embed_proj = None
+    if config.embedding_weight > 0 and w_s != w_t:                # TinyBERT's W_e
+        g = torch.Generator().manual_seed(ctx.seed + 1)
+        embed_proj = nn.Linear(w_s, w_t, bias=False, device=device)
+        with torch.no_grad():
+            embed_proj.weight.copy_(torch.randn(w_t, w_s, generator=g) / w_s ** 0.5)
+        projections.append(embed_proj)
+        plan.params["distill.projection.embedding.weight"] = embed_proj.weight
     model.__dict__["slimlm_distill_projections"] = projections       # not a submodule: never saved
     divergence = None if config.loss in ("ce", "minillm") else KD.divergence(
         config.loss, temperature=config.temperature, beta=config.beta)
@@ -286,7 +298,8 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         keep = labels != -100
         count = keep.sum()
         kw = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False,
-              "output_hidden_states": bool(pairs and config.hidden_weight > 0), "output_attentions": attn}
+              "output_hidden_states": bool(pairs and config.hidden_weight > 0) or config.embedding_weight > 0,
+              "output_attentions": attn}
         total = torch.zeros((), device=labels.device)
         flat_keep = keep.reshape(-1)
         if "teacher_logprobs" in batch:                   # from the cache: no teacher forward
@@ -347,11 +360,17 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
             part = torch.zeros((), device=labels.device)
             for k, (i, j) in enumerate(pairs):
                 hs, ht = s_out.hidden_states[i + 1], t_out.hidden_states[j + 1]
-                if len(projections):
+                if w_s != w_t:
                     hs = projections[k](hs)
                 per = f(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]))
                 part = part + torch.where(flat_keep, per, 0.0).sum()
             total = total + config.hidden_weight * part / len(pairs)
+        if config.embedding_weight > 0:                   # TinyBERT: hidden_states[0] is the embedding output
+            hs, ht = s_out.hidden_states[0], t_out.hidden_states[0]
+            if embed_proj is not None:
+                hs = embed_proj(hs)
+            per = KD.hidden_mse(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]))
+            total = total + config.embedding_weight * torch.where(flat_keep, per, 0.0).sum()
         if attn:
             if config.attention_loss == "minilm":
                 per = KD.attention_kl(s_out.attentions[-1], t_out.attentions[-1])
@@ -384,7 +403,7 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
         if teacher is None or lm_kind(teacher) != kind:
             raise ConfigError(f"the student is {'a masked LM' if kind == 'masked' else 'a bare encoder'}: the teacher "
                               "must be one too (and not a logit cache)")
-        plan.loss = _encoder_loss(model, teacher, config, ctx, kind, pairs, calls)
+        plan.loss = _encoder_loss(model, teacher, config, ctx, kind, pairs, calls, embed_proj)
     else:
         plan.loss = loss
     plan.extra_state, plan.load_extra, plan.finish = extra_state, load_extra, finish
@@ -392,11 +411,13 @@ def prepare_distill(model: nn.Module, config: DistillConfig, ctx) -> object:
     return plan
 
 
-def _encoder_loss(student: nn.Module, teacher: nn.Module, config: DistillConfig, ctx, kind: str, pairs, calls):
+def _encoder_loss(student: nn.Module, teacher: nn.Module, config: DistillConfig, ctx, kind: str, pairs, calls,
+                  embed_proj: nn.Module | None):
     """Encoders. Masked LMs: DistilBERT's triple loss on BERT-masked windows, alpha T^2 KL(teacher || student)
     over the masked positions' MLM logits + (1 - alpha) MLM cross-entropy + hidden_weight (1 - cos) of the last
     hidden states over every token. Bare encoders (no head, e.g. sentence-transformers models): the hidden
     states only, 1 - cos (or MSE) of the last layer's states, plus the mapped layers with --hidden-weight.
+    Either kind adds TinyBERT's embedding-layer MSE with --embedding-weight.
     Each window is wrapped as [CLS] text [SEP] when the tokenizer has them."""
     tok = ctx.tokenizer
     if kind == "masked" and (tok is None or tok.mask_token_id is None):
@@ -449,6 +470,10 @@ def _encoder_loss(student: nn.Module, teacher: nn.Module, config: DistillConfig,
                                                            ht[b + 1].reshape(-1, ht[b + 1].shape[-1])), 0.0).sum()
                        for a, b in pairs) / len(pairs)
             total = total + config.hidden_weight * part
+        if config.embedding_weight:                                   # TinyBERT's embedding loss
+            e_s = hs[0] if embed_proj is None else embed_proj(hs[0])
+            per = KD.hidden_mse(e_s.reshape(-1, e_s.shape[-1]), ht[0].reshape(-1, ht[0].shape[-1]))
+            total = total + config.embedding_weight * torch.where(maskable.reshape(-1), per, 0.0).sum()
         return total, count
 
     return loss

@@ -135,6 +135,7 @@ def _eval_table(rows: list[tuple[str, dict]]) -> str:
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="measure prefill/decode tokens/s (encode tokens/s for an encoder)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--output", default=None, help="also write the results as JSON to this .json file (when complete)")
 @click.option("--device", default="cpu", show_default=True,
               help=DEVICE_HELP.format(what="where the model (and the reference) run"))
 @click.option("--dtype", default=None, help=DTYPE_HELP)
@@ -152,13 +153,17 @@ def _eval_table(rows: list[tuple[str, dict]]) -> str:
 @click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "llama.cpp"]),
               help="what runs the model: slimlm on PyTorch, or llama.cpp (llama-cpp-python) for a .gguf file, fed "
                    "the same token ids and windows (threads: --threads)")
-def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked_positions, speed, as_json, device, dtype,
-             threads, trust_remote_code, tasks, tasks_dir, limit, num_fewshot, engine):
+def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked_positions, speed, as_json, output,
+             device, dtype, threads, trust_remote_code, tasks, tasks_dir, limit, num_fewshot, engine):
     """Perplexity (pseudo-perplexity for a masked LM), agreement with a reference, size and speed of a model;
     with --tasks, lm-eval's tasks instead (the numbers `lm-eval run --model hf` gives on the same weights)."""
     from . import api, models
 
+    from . import io
+
     _setup(threads)
+    if output is not None:
+        io.check_output_file(output, ".json", overwrite=True)
     selection = None
     if tasks is None and (tasks_dir or limit is not None or num_fewshot is not None):
         raise SlimlmError("--tasks-dir, --limit and --num-fewshot go with --tasks; add --tasks NAME")
@@ -180,7 +185,7 @@ def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked
     if engine == "llama.cpp":
         if selection is not None:
             raise SlimlmError("--tasks runs with --engine torch only")
-        _eval_llamacpp(model_ref, data, field, n, seqlen, adapter, reference, speed, as_json, device, threads)
+        _eval_llamacpp(model_ref, data, field, n, seqlen, adapter, reference, speed, as_json, device, threads, output)
         return
     try:
         positions = None if masked_positions == "all" else int(masked_positions)
@@ -199,6 +204,8 @@ def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked
     tok = models.load_tokenizer(model_ref, trust_remote_code=trust_remote_code)
     if selection is not None:
         results = lmeval.run_tasks(model, tok, selection, limit=limit, num_fewshot=num_fewshot)
+        if output is not None:
+            _write_json(output, json.loads(lmeval.to_json({"model": model_ref, **results})))
         if as_json:
             click.echo(lmeval.to_json({"model": model_ref, **results}))
         else:
@@ -212,6 +219,8 @@ def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked
                        disk_bytes=models.files_bytes(model_ref), field=field, progress=not as_json,
                        masked_positions=positions)
     res.update(model=model_ref, load_seconds=load_s)
+    if output is not None:
+        _write_json(output, res)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -221,8 +230,14 @@ def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked
         click.echo(_eval_table([(model_ref, res)]))
 
 
+def _write_json(path: str, obj) -> None:
+    from . import io
+    with io.atomic_file(path, ".json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
 def _eval_llamacpp(model_ref, data, field, windows, seqlen, adapter, reference, speed, as_json, device,
-                   threads) -> None:
+                   threads, output=None) -> None:
     """`slimlm eval --engine llama.cpp`: a .gguf file through llama.cpp, tokenized by slimlm's tokenizer."""
     from . import llamacpp, models
 
@@ -242,6 +257,8 @@ def _eval_llamacpp(model_ref, data, field, windows, seqlen, adapter, reference, 
     res = llamacpp.evaluate(where, tok, data, windows=windows, seqlen=seqlen, with_speed=speed, field=field,
                             threads=threads or int(os.environ.get("SLIMLM_THREADS", "2")))
     res.update(model=model_ref)
+    if output is not None:
+        _write_json(output, res)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -411,6 +428,23 @@ def generate_cmd(teacher, endpoint_model, prompts, field, output, overwrite, n, 
     click.echo(f"{rep['rows']} responses to {rep['prompts']} prompts ({rep['given']} given, {rep['evolved']} evolved, "
                f"{rep['self_instruct']} self-instruct; {rep['duplicates_dropped']} duplicates dropped) in "
                f"{time.perf_counter() - t0:.1f} s -> {out}")
+
+
+@cli.command("run")
+@click.argument("recipe")
+@click.option("--output", default=None, help="the run folder (default: runs/<recipe name>)")
+@click.option("--resume", is_flag=True, help="continue a run: completed stages whose inputs and settings did not "
+              "change are reused, a training stage continues from its checkpoint")
+def run_cmd(recipe, output, resume):
+    """Run a recipe: a YAML file of stages (prune, distill, train, merge, quantize, eval, export), each with
+    the options of the command of that name, checked whole before the first stage starts."""
+    from . import recipes
+
+    t0 = time.perf_counter()
+    state = recipes.run(recipe, output, resume, echo=click.echo)
+    ran = sum(not s.get("reused") for s in state["stages"])
+    click.echo(f"slimlm run: {state['recipe']}: {len(state['stages'])} stages ({ran} run, "
+               f"{len(state['stages']) - ran} reused) in {time.perf_counter() - t0:.1f} s -> {state['model_out']}")
 
 
 @cli.command("demo")

@@ -157,9 +157,7 @@ def eval_cmd(model_ref, data, field, windows, seqlen, adapter, reference, masked
              device, dtype, threads, trust_remote_code, tasks, tasks_dir, limit, num_fewshot, engine):
     """Perplexity (pseudo-perplexity for a masked LM), agreement with a reference, size and speed of a model;
     with --tasks, lm-eval's tasks instead (the numbers `lm-eval run --model hf` gives on the same weights)."""
-    from . import api, models
-
-    from . import io
+    from . import api, io, models
 
     _setup(threads)
     if output is not None:

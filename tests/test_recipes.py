@@ -132,3 +132,47 @@ def test_a_run_folder_belongs_to_its_recipe(model_dir, text_file, tmp_path, caps
     (tmp_path / "plain" / "notes.txt").write_text("mine")
     assert main(["run", str(one), "--output", str(tmp_path / "plain"), "--resume"]) == 2
     assert "not a recipe's run folder" in capsys.readouterr().err
+
+
+SHRINK = {   # the shipped recipes' settings scaled to a tiny model and a paragraph of text
+    "quantize": {"samples": 4, "seqlen": 32},
+    "prune": {"samples": 4, "seqlen": 32},
+    "train": {"steps": 2, "seqlen": 32, "batch_size": 2, "save_every": 1},
+    "distill": {"steps": 2, "seqlen": 32, "batch_size": 2, "save_every": 1},
+    "merge": {"samples": 4, "seqlen": 32, "windows": 0},
+    "eval": {"windows": 2, "seqlen": 32, "speed": False},
+    "export": {},
+}
+
+
+@pytest.mark.parametrize("name", ["qlora-recover", "minitron", "compress-then-prompt"])
+def test_shipped_recipes_run_end_to_end_on_a_tiny_model(name, text_file, tmp_path):
+    """Each recipe under recipes/ as shipped (its stages, methods and their settings), on a tiny Llama with a
+    byte-level BPE tokenizer (so the GGUF export runs too), with the sizes of SHRINK and the tiny model in
+    place of the default one."""
+    from pathlib import Path
+
+    import yaml
+    from test_gguf import tiny_bpe
+
+    from conftest import tiny_model
+
+    model = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(str(model), safe_serialization=True)
+    tiny_bpe().save_pretrained(str(model))
+    doc = yaml.safe_load((Path(__file__).parents[1] / "recipes" / f"{name}.yaml").read_text())
+    for stage in doc["stages"]:
+        (kind, opts), = stage.items()
+        opts.update(SHRINK[kind])
+        if "prompt_teacher" in opts:
+            opts["prompt_teacher"] = str(model)
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    run = tmp_path / "run"
+    sources = [a for k in doc["data"] for a in ("--data", f"{k}={text_file}")]
+    assert main(["run", str(recipe), "--output", str(run), "--model", str(model), *sources]) == 0
+    state = json.loads((run / recipes.STATE).read_text())
+    assert [s["kind"] for s in state["stages"]] == [next(iter(s)) for s in doc["stages"]]
+    assert all(s["done"] for s in state["stages"]) and all(Path(s["output"]).exists() for s in state["stages"])
+    evals = [json.loads(Path(s["output"]).read_text()) for s in state["stages"] if s["kind"] == "eval"]
+    assert evals and all(e["perplexity"] > 1 for e in evals)

@@ -433,13 +433,22 @@ def generate_cmd(teacher, endpoint_model, prompts, field, output, overwrite, n, 
 @click.option("--output", default=None, help="the run folder (default: runs/<recipe name>)")
 @click.option("--resume", is_flag=True, help="continue a run: completed stages whose inputs and settings did not "
               "change are reused, a training stage continues from its checkpoint")
-def run_cmd(recipe, output, resume):
+@click.option("--model", "model_ref", default=None, help="run on this model instead of the recipe's")
+@click.option("--data", "data", multiple=True, metavar="NAME=SOURCE",
+              help="replace the recipe's data source NAME (repeatable), e.g. --data train=my_text.txt")
+def run_cmd(recipe, output, resume, model_ref, data):
     """Run a recipe: a YAML file of stages (prune, distill, train, merge, quantize, eval, export), each with
     the options of the command of that name, checked whole before the first stage starts."""
     from . import recipes
 
     t0 = time.perf_counter()
-    state = recipes.run(recipe, output, resume, echo=click.echo)
+    sources = {}
+    for item in data:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise SlimlmError(f"--data takes NAME=SOURCE (a name of the recipe's data section), not {item!r}")
+        sources[name] = source
+    state = recipes.run(recipe, output, resume, echo=click.echo, model=model_ref, data=sources)
     ran = sum(not s.get("reused") for s in state["stages"])
     click.echo(f"slimlm run: {state['recipe']}: {len(state['stages'])} stages ({ran} run, "
                f"{len(state['stages']) - ran} reused) in {time.perf_counter() - t0:.1f} s -> {state['model_out']}")

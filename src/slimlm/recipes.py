@@ -332,14 +332,21 @@ def _write_state(run: Path, state: dict) -> None:
 
 
 def run(recipe_path: str | os.PathLike, output: str | os.PathLike | None = None, resume: bool = False,
-        echo=print) -> dict:
-    """Run a recipe into `output` (default: runs/<name>); returns the state (each stage's fingerprint,
-    folder, seconds, and whether it ran or was reused)."""
+        echo=print, model: str | None = None, data: dict[str, str] | None = None) -> dict:
+    """Run a recipe into `output` (default: runs/<name>); `model` and `data` ({name: source}) replace the
+    recipe's model and named data sources. Returns the state (each stage's fingerprint, folder, seconds, and
+    whether it ran or was reused)."""
     import click
 
     from . import registry
 
     recipe = load(recipe_path)
+    unknown = sorted(set(data or {}) - set(recipe.data))
+    if unknown:
+        raise SlimlmError(f"--data {unknown[0]}=...: the recipe's data sources are "
+                          f"{', '.join(recipe.data) or 'none'}")
+    recipe.data.update(data or {})
+    recipe.model = model or recipe.model
     normalized = check(recipe)
     out = Path(output or Path("runs") / recipe.name).expanduser()
     if output is None:

@@ -145,7 +145,7 @@ SHRINK = {   # the shipped recipes' settings scaled to a tiny model and a paragr
 }
 
 
-@pytest.mark.parametrize("name", ["qlora-recover", "minitron", "compress-then-prompt"])
+@pytest.mark.parametrize("name", ["qlora-recover", "minitron", "compress-then-prompt", "fit-budget"])
 def test_shipped_recipes_run_end_to_end_on_a_tiny_model(name, text_file, tmp_path):
     """Each recipe under recipes/ as shipped (its stages, methods and their settings), on a tiny Llama with a
     byte-level BPE tokenizer (so the GGUF export runs too), with the sizes of SHRINK and the tiny model in

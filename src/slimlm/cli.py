@@ -543,6 +543,22 @@ def _family_command(family: str):
         click.Option(["--threads"], type=int, default=None, help="torch threads (default 2 or $SLIMLM_THREADS)"),
         click.Option(["--trust-remote-code"], is_flag=True, help="allow a model folder's own Python code to run"),
     ]
+    if family == "quantize":
+        params += [
+            click.Option(["--budget-bits"], type=float, default=None, help="choose each layer's bit width and group "
+                         "size (from --budget-candidates) to minimise the predicted loss at this average of storage "
+                         "bits per quantized weight, scales and zero points counted (rtn, gptq, awq; needs --data)"),
+            click.Option(["--budget-mb"], type=float, default=None, help="the same under a model size in MiB "
+                         "(everything not quantized counted as it is stored)"),
+            click.Option(["--budget-candidates"], default=None, help="the settings a budget chooses from, bits/group "
+                         "(-1: per channel) [default: 2/G,3/G,4/G,8/G,3/-1,4/-1 with G the --group-size]")]
+    elif family == "prune":
+        params += [
+            click.Option(["--budget-sparsity"], type=float, default=None, help="choose each layer's sparsity (from "
+                         "--budget-candidates) to minimise the predicted loss at this average sparsity (magnitude, "
+                         "wanda, sparsegpt; needs --data)"),
+            click.Option(["--budget-candidates"], default=None, help="the sparsities a budget chooses from "
+                         "[default: 0.2,0.3,...,0.9]")]
     assert {p.name for p in params} <= fam.reserved | {"model_ref"}, "an own option missing from the registry"
     for fname, (help_, users) in sorted(fields.items()):
         scope = "" if len(users) == len(table) else f" [{', '.join(users)}]"
@@ -563,6 +579,9 @@ def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
     fam = registry.families()[family]
     method = registry.get(family, kw["method"])
     config = build_config(method.config_cls, {f: kw.get(f) for f in field_names}, method.name)
+    if any(kw.get(k) is not None for k in ("budget_bits", "budget_mb", "budget_sparsity")):
+        from . import budget
+        budget.check(family, config, kw)
     if method.data_needed(config) and not kw["data"]:
         raise SlimlmError(f"{method.name} needs calibration data: add --data SOURCE (e.g. --data python-docs)")
     model = models.load_model(kw["model_ref"], dtype=dtype, trust_remote_code=kw["trust_remote_code"])
@@ -575,10 +594,16 @@ def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
     runner = RunnerOptions(batch_size=kw["batch_size"], fast=False if kw["precise"] else None,
                            stash_bf16=not kw["precise"], device=device)
     t0 = time.perf_counter()
+    allocation = None
+    if any(kw.get(k) is not None for k in ("budget_bits", "budget_mb", "budget_sparsity")):
+        from . import budget
+        config, allocation = budget.apply(family, model, config, windows, kw)
     report = getattr(api, fam.api)(model, config, data=windows, runner=runner)
     seconds = time.perf_counter() - t0
     with io.atomic_dir(out, kw["overwrite"]) as tmp:
         written = models.save_model(model, tok, tmp)
+        if allocation is not None:
+            (tmp / "allocation.json").write_text(json.dumps(allocation, indent=1) + "\n")
     click.echo(f"{fam.done} {kw['model_ref']} with {method.name} in {seconds:.1f} s -> {out} ({written} format)")
     for k, v in (report or {}).items():
         click.echo(f"  {k}: {v}")

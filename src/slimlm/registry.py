@@ -38,7 +38,8 @@ class Family:
 
 # Options of the one-shot compression commands (slimlm.cli._family_command), shared by quantize and prune.
 COMPRESSION_OPTIONS = frozenset({"model", "method", "data", "field", "samples", "seqlen", "output", "overwrite",
-                                 "batch_size", "precise", "threads", "trust_remote_code", "device", "dtype"})
+                                 "batch_size", "precise", "threads", "trust_remote_code", "device", "dtype",
+                                 "budget_bits", "budget_mb", "budget_sparsity", "budget_candidates"})
 
 _FAMILIES: dict[str, Family] = {}
 

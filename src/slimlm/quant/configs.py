@@ -25,18 +25,21 @@ FULL_PRECISION = ("none", "fp", "full")
 GROUP_FALLBACKS = ("error", "per-channel")
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # what bitsandbytes can load
 
-OVERRIDES_HELP = ("per-layer bit widths: comma-separated PATTERN=VALUE pairs, VALUE bits or 'none' (full "
-                  "precision), the first matching pair wins; layers outside the transformer blocks (lm_head) "
-                  "are quantized only when a pair names them. E.g. 'down_proj=8,lm_head=4,layers.0=none'; "
+OVERRIDES_HELP = ("per-layer bit widths: comma-separated PATTERN=VALUE pairs, VALUE bits, bits/group size (a "
+                  "group-size method: 4/128, 3/-1 per channel) or 'none' (full precision), the first matching "
+                  "pair wins; layers outside the transformer blocks (lm_head) are quantized only when a pair "
+                  "names them. E.g. 'down_proj=8,lm_head=4,layers.0=none'; "
                   + PATTERN_HELP)
 IGNORE_HELP = ("comma-separated patterns of layers kept in full precision, e.g. 'o_proj,layers.0'; "
                + PATTERN_HELP)
 
 
 class Rule(NamedTuple):
-    """One override: layers matching `pattern` get `bits` (None = full precision)."""
+    """One override: layers matching `pattern` get `bits` (None = full precision) and, when given, their own
+    group size (-1: per output channel) instead of the config's."""
     pattern: str
     bits: int | None
+    group_size: int | None = None
 
 
 def parse_overrides(spec: str | dict, allowed_bits: tuple[int, ...]) -> tuple[Rule, ...]:
@@ -56,14 +59,17 @@ def parse_overrides(spec: str | dict, allowed_bits: tuple[int, ...]) -> tuple[Ru
         if value.lower() in FULL_PRECISION:
             rules.append(Rule(pattern, None))
             continue
+        width, slash, group = value.partition("/")
         try:
-            bits = int(value)
+            bits = int(width)
+            group_size = int(group) if slash else None
         except ValueError:
-            bits = None
-        if bits not in allowed_bits:
-            raise ConfigError(f"overrides item {pattern}={value}: the value must be 'none' or one of the bit "
-                              f"widths {', '.join(map(str, allowed_bits))}")
-        rules.append(Rule(pattern, bits))
+            bits = group_size = None
+        if bits not in allowed_bits or (slash and (group_size is None or group_size < -1)):
+            raise ConfigError(f"overrides item {pattern}={value}: the value must be 'none', one of the bit "
+                              f"widths {', '.join(map(str, allowed_bits))}, or bits/group size like 4/128 or "
+                              "3/-1 (per channel)")
+        rules.append(Rule(pattern, bits, group_size))
     return tuple(rules)
 
 

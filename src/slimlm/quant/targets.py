@@ -88,6 +88,17 @@ def _bits_per_layer(config: LayerSelection, linears: dict[str, nn.Module],
     return bits
 
 
+def _groups_per_layer(config: LayerSelection, names) -> dict[str, int]:
+    """The group sizes the first matching override gives (bits/group values), by layer."""
+    rules = config.rules()
+    out = {}
+    for n in names:
+        rule = next((r for r in rules if name_matches(n, r.pattern)), None)
+        if rule is not None and rule.group_size is not None:
+            out[n] = rule.group_size
+    return out
+
+
 def _divisor_hint(sizes: list[int]) -> str:
     g = math.gcd(*sizes)
     fits = [d for d in range(16, g + 1) if g % d == 0]
@@ -98,7 +109,7 @@ def _divisor_hint(sizes: list[int]) -> str:
 
 def _resolve_groups(config: IntQuantConfig, targets: list[Target]) -> None:
     g = config.group_size
-    bad = [t for t in targets if g > 0 and t.info.in_features % g]
+    bad = [t for t in targets if t.group_size > 0 and t.info.in_features % t.group_size]
     if not bad:
         return
     if config.group_fallback == "per-channel":
@@ -140,7 +151,11 @@ def plan_targets(model: nn.Module, config: LayerSelection) -> dict[str, Target]:
     default = {n for n in linears if (n.startswith(prefix) if prefix is not None else n not in outputs)}
     bits = _bits_per_layer(config, linears, default)
     gs = config.group_size if isinstance(config, IntQuantConfig) else -1
-    targets = [Target(n, LinearInfo(n, linears[n]), b, gs, prefix is not None and n.startswith(prefix))
+    own = _groups_per_layer(config, bits)
+    if own and not isinstance(config, IntQuantConfig):
+        raise ConfigError(f"overrides give group sizes (bits/group) to {len(own)} layer(s), but this method has no "
+                          "group size; give bits only")
+    targets = [Target(n, LinearInfo(n, linears[n]), b, own.get(n, gs), prefix is not None and n.startswith(prefix))
                for n, b in bits.items()]
     if not targets:
         raise ConfigError("no layer is left to quantize: the overrides and ignore patterns exclude them all")
@@ -152,7 +167,8 @@ def plan_targets(model: nn.Module, config: LayerSelection) -> dict[str, Target]:
 
 def fallback_count(config: IntQuantConfig, plan: dict[str, Target]) -> int:
     """Layers quantized per channel because group_size does not divide their input size."""
-    return sum(1 for t in plan.values() if t.group_size != config.group_size)
+    g = config.group_size
+    return sum(1 for t in plan.values() if t.group_size == -1 and g > 0 and t.info.in_features % g)
 
 
 def quantize_rest(plan: dict[str, Target], config: IntQuantConfig, results: dict[str, QuantResult]) -> int:

@@ -153,16 +153,26 @@ def measure_compress(family: str, method: str, options: dict, out_dir: str) -> d
     windows = api.calibration_data(tok, P.corpus(P.CALIB_TEXT), samples=P.CALIB_SAMPLES, seqlen=P.SEQLEN)
     t0 = time.perf_counter()
     report = {}
+    allocation = None
     for fam, meth, opts in stages:
         m = registry.get(fam, meth)
+        opts = dict(opts)
+        budget = opts.pop("budget", None)          # {"budget_bits": 3.5} or {"budget_sparsity": 0.6}: slimlm.budget
         config = build_config(m.config_cls, opts, meth)
+        if budget is not None:
+            from slimlm import budget as B
+            config, allocation = B.apply(fam, model, config, windows, budget)
         report = getattr(api, fam)(model, config, data=windows if m.data_needed(config) else None, runner=runner)
     wall = time.perf_counter() - t0
     peak = M.peak_rss_bytes()
     with io.atomic_dir(out_dir, overwrite=True) as tmp:
         models.save_model(model, tok, tmp)
-    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "file_bytes": models.files_bytes(out_dir),
-            "report": {k: v for k, v in (report or {}).items() if isinstance(v, (int, float, str, bool))}}
+    out = {"wall_s": wall, "peak_rss_mb": peak / 2**20, "file_bytes": models.files_bytes(out_dir),
+           "report": {k: v for k, v in (report or {}).items() if isinstance(v, (int, float, str, bool))}}
+    if allocation is not None:
+        out["allocation"] = {k: v for k, v in allocation.items() if k != "per_layer"}
+        out["allocation"]["kl_reference"] = {n: t["kl_reference"] for n, t in allocation["per_layer"].items()}
+    return out
 
 
 def _peer(method: str, opts: dict, workdir: Path, evaluate: bool = True) -> dict:
@@ -220,6 +230,8 @@ QUANT_CASES = {
     "awq_w3g64_refit_kv": ("awq", {"bits": "3", "group_size": "64", "clip_refit": "3", "clip_refit_zero": "false", "kv_weight": "true", "refit_in_search": "false"}, None, {}),
     "awq_w2g64": ("awq", {"bits": "2", "group_size": "64"}, "awq", {"bits": 2, "group_size": 64}),
     "awq_w4pc": ("awq", {"bits": "4", "group_size": "-1"}, "awq", {"bits": 4, "group_size": -1}),
+    # per-layer bits and group sizes (2/3/4/8 bits, g64 or per channel) under 3.5 bits per weight (issue 29)
+    "gptq_budget_3p5": ("gptq", {"group_size": "64", "budget": {"budget_bits": 3.5}}, None, {}),
     "nf4_dq": ("nf4", {}, None, {}),
     "llm_int8": ("int8", {}, None, {}),
 }
@@ -238,6 +250,8 @@ PRUNE_CASES.update({
     for m in ("wanda", "sparsegpt") for k, v in _PEER_SPARSE.items()
 })
 PRUNE_CASES.update({
+    # per-layer sparsities (0.2 .. 0.9) under 60% on average (issue 29), against sparsegpt_60
+    "sparsegpt_budget_60": ("sparsegpt", {"budget": {"budget_sparsity": 0.6}}, None, {}),
     "sparsegpt_50_joint_w4g64": ("sparsegpt", {"sparsity": "0.5", "bits": "4", "group_size": "64"}, None, {}),
     "sparsegpt_50_then_rtn_w4g64": ("sparsegpt", {"sparsity": "0.5", "then": ["quantize", "rtn",
                                                                         {"bits": "4", "group_size": "64"}]},

@@ -19,6 +19,7 @@ name: tiny-chain
 model: {model}
 data:
   text: {text}
+report: {{data: text, windows: 2, seqlen: 32, speed: false}}
 stages:
   - quantize: {{method: rtn, bits: 4, group-size: 32}}
   - train: {{method: lora, data: text, steps: {steps}, seqlen: 32, batch_size: 2, r: 4, save_every: 1}}
@@ -87,7 +88,7 @@ def test_an_interrupted_training_stage_continues_from_its_checkpoint(model_dir, 
     capsys.readouterr()
     assert main(["run", str(recipe), "--output", str(cut), "--resume"]) == 0
     out = capsys.readouterr().out
-    assert "stage 1 (quantize, line 6): done before" in out and "continuing its checkpoint" in out
+    assert "stage 1 (quantize, line 7): done before" in out and "continuing its checkpoint" in out
     assert step_losses(cut / "02-train") == step_losses(tmp_path / "straight" / "02-train")
 
 
@@ -161,6 +162,7 @@ def test_shipped_recipes_run_end_to_end_on_a_tiny_model(name, text_file, tmp_pat
     tiny_model("llama").save_pretrained(str(model), safe_serialization=True)
     tiny_bpe().save_pretrained(str(model))
     doc = yaml.safe_load((Path(__file__).parents[1] / "recipes" / f"{name}.yaml").read_text())
+    doc["report"] = {"windows": 2, "seqlen": 32, "speed": False}
     for stage in doc["stages"]:
         (kind, opts), = stage.items()
         opts.update(SHRINK[kind])

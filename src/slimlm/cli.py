@@ -359,6 +359,7 @@ def merge_cmd(model_ref, adapter, output, into, requantize, data, samples, seqle
     from . import data as D
 
     _setup(threads)
+    t0 = time.perf_counter()
     out = io.check_output_dir(output, overwrite)
     if requantize == "gptq" and not data:
         raise SlimlmError("--requantize gptq needs calibration data: add --data SOURCE")
@@ -369,9 +370,11 @@ def merge_cmd(model_ref, adapter, output, into, requantize, data, samples, seqle
     evalw = D.eval_windows(D.tokenize(tok, D.load_text(eval_data)), seqlen, windows) if windows else None
     report = api.merge(model, adapter, into=into, requantize=requantize, calibration=calib, eval_data=evalw,
                        max_kl=None if force else max_kl)
+    from . import report as R
     with io.atomic_dir(out, overwrite) as tmp:
         written = models.save_model(model, tok, tmp)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        R.for_output(tmp, "merge", report, time.perf_counter() - t0, R.peak_rss_mb(), name=out.name)
     click.echo(f"merged {adapter} into {model_ref} -> {out} ({written} format)")
     for k, v in report.items():
         click.echo(f"  {k}: {v}")
@@ -452,6 +455,18 @@ def run_cmd(recipe, output, resume, model_ref, data):
     ran = sum(not s.get("reused") for s in state["stages"])
     click.echo(f"slimlm run: {state['recipe']}: {len(state['stages'])} stages ({ran} run, "
                f"{len(state['stages']) - ran} reused) in {time.perf_counter() - t0:.1f} s -> {state['model_out']}")
+
+
+@cli.command("report")
+@click.argument("folders", nargs=-1, required=True)
+@click.option("--output", default=None, help="where a comparison of several folders goes (a folder)")
+def report_cmd(folders, output):
+    """Redraw report.md and its plots from a folder slimlm wrote (a command's output or a recipe's run), or
+    compare several runs in one report (--output)."""
+    from . import report as R
+
+    path = R.redraw(list(folders), output)
+    click.echo(f"report -> {path}")
 
 
 @cli.command("demo")
@@ -570,10 +585,12 @@ def _family_command(family: str):
 
 def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
     from . import api, io, models, registry
+    from . import report as R
     from .calibration import RunnerOptions
     from .configs import build_config
 
     _setup(kw["threads"])
+    R.reset_peak_rss()
     device, dtype = _device(kw["device"]), _dtype(kw["dtype"])
     out = io.check_output_dir(kw["output"], kw["overwrite"])
     fam = registry.families()[family]
@@ -604,6 +621,7 @@ def _run_family(family: str, kw: dict, field_names: list[str]) -> None:
         written = models.save_model(model, tok, tmp)
         if allocation is not None:
             (tmp / "allocation.json").write_text(json.dumps(allocation, indent=1) + "\n")
+        R.for_output(tmp, family, {"method": method.name, **(report or {})}, seconds, R.peak_rss_mb(), name=out.name)
     click.echo(f"{fam.done} {kw['model_ref']} with {method.name} in {seconds:.1f} s -> {out} ({written} format)")
     for k, v in (report or {}).items():
         click.echo(f"  {k}: {v}")
@@ -770,6 +788,10 @@ def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list
                            resume=kw["resume"], model_ref=kw["model_ref"])
         what = f"trained {kw['model_ref']} with {method.name}"
     if int(os.environ.get("RANK", "0")) == 0:
+        from . import report as R
+        R.for_output(out, family, {k: v for k, v in report.items() if k in ("method", "steps", "trainable_parameters",
+                     "final_loss", "step_seconds_median", "tokens_per_s")}, time.perf_counter() - t0,
+                     report.get("peak_rss_mb") or R.peak_rss_mb())
         click.echo(f"{what} for {report['steps']} steps in {time.perf_counter() - t0:.1f} s -> {out}")
         for k in ("trainable_parameters", "final_loss", "eval_perplexity_before", "eval_perplexity_after",
                   "step_seconds_median", "tokens_per_s", "peak_rss_mb"):

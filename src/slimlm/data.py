@@ -164,15 +164,19 @@ def encoder_windows(ids: Tensor, seqlen: int, n: int | None, tokenizer) -> tuple
     return win, scorable
 
 
-def check_context(model, seqlen: int) -> None:
-    """A window longer than the model's context is an input error, not a silent extrapolation."""
+def context_length(model) -> int | None:
+    """The model's context in tokens, where its config says it."""
     cfg = getattr(model, "config", None)
-    limit = None
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         v = getattr(cfg, attr, None)
         if isinstance(v, int) and v > 0:
-            limit = v
-            break
+            return v
+    return None
+
+
+def check_context(model, seqlen: int) -> None:
+    """A window longer than the model's context is an input error, not a silent extrapolation."""
+    limit = context_length(model)
     if limit is not None and seqlen > limit:
         raise SlimlmError(f"--seqlen {seqlen} is longer than the model's context of {limit} tokens; "
                           f"use --seqlen {min(limit, 2048)} or less")

@@ -51,6 +51,9 @@ WIRED = {
     "export": {"model_ref", "output", "overwrite"},
 }
 MODEL_CHANGING = {"prune", "distill", "train", "merge", "quantize"}
+# every stage's model evaluated for report.md (perplexity, KL and top-1 against the recipe's model, size,
+# speed); `report: false` in a recipe turns it off
+REPORT_DEFAULTS = {"data": "python-docs", "windows": 8, "seqlen": 512, "speed": True}
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Recipe:
     stages: list[Stage]
     path: Path
     raw: dict = field(default_factory=dict)
+    report: dict | None = None       # evaluation of every stage for report.md: data, windows, seqlen, speed
 
 
 def _fail(path: Path, msg: str) -> SlimlmError:
@@ -102,10 +106,10 @@ def load(path: str | os.PathLike) -> Recipe:
         raise _fail(p, f"not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(doc, dict):
         raise _fail(p, "a recipe is a mapping with model, stages and optionally name and data")
-    unknown = set(doc) - {"name", "model", "data", "stages"}
+    unknown = set(doc) - {"name", "model", "data", "stages", "report"}
     if unknown:
         raise _fail(p, f"unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}; a recipe has name, model, "
-                       "data and stages")
+                       "data, stages and report")
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise _fail(p, "name the model the first stage reads: model: smollm2-135m (or a folder)")
@@ -131,7 +135,15 @@ def load(path: str | os.PathLike) -> Recipe:
             raise _fail(p, f"stage {i + 1} ({kind}, line {line}): its options are a mapping like {{method: gptq}}")
         stages.append(Stage(i, kind, {str(k).replace("-", "_"): v for k, v in opts.items()}, line))
     name = doc.get("name") or p.stem
-    return Recipe(str(name), model, dict(data), stages, p, doc)
+    rep = doc.get("report", {})
+    if rep is False:
+        report = None
+    else:
+        rep = rep or {}
+        if not isinstance(rep, dict) or set(rep) - set(REPORT_DEFAULTS):
+            raise _fail(p, f"report is false or a mapping with {', '.join(REPORT_DEFAULTS)}")
+        report = {**REPORT_DEFAULTS, "data": "eval" if "eval" in data else REPORT_DEFAULTS["data"], **rep}
+    return Recipe(str(name), model, dict(data), stages, p, doc, report)
 
 
 def _stage_lines(node) -> list[int]:
@@ -331,6 +343,73 @@ def _write_state(run: Path, state: dict) -> None:
     os.replace(tmp, run / STATE)
 
 
+class _Evaluator:
+    """The report's evaluation of a stage's model: api.evaluate against the recipe's model (loaded once),
+    stored in RUN/report/<folder>.json with the fingerprint it belongs to (reused when that is unchanged)."""
+
+    def __init__(self, recipe: Recipe, out: Path) -> None:
+        self.recipe, self.dir, self._ref = recipe, out / "report", None
+
+    def __call__(self, key: str, fp: str, model_ref: str, adapter: str | None) -> dict | None:
+        if self.recipe.report is None:
+            return None
+        f = self.dir / f"{key}.json"
+        if f.is_file():
+            old = json.loads(f.read_text())
+            if old.get("fingerprint") == fp:
+                return old["eval"]
+        from . import api, models
+        from . import data as D
+        st = self.recipe.report
+        source = self.recipe.data.get(st["data"], st["data"])
+        model = models.load_model(model_ref)
+        if adapter:
+            from .adapt.loading import load_adapter
+            load_adapter(model, adapter)
+        model.eval()
+        tok = models.load_tokenizer(model_ref)
+        seqlen = min(int(st["seqlen"]), D.context_length(model) or int(st["seqlen"]))
+        if self._ref is None:
+            self._ref = models.load_model(self.recipe.model).eval()
+        ev = api.evaluate(model, tok, source, windows=int(st["windows"]), seqlen=seqlen, speed=bool(st["speed"]),
+                          reference=self._ref, disk_bytes=models.files_bytes(model_ref), progress=False)
+        ev = {k: v for k, v in ev.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        self.dir.mkdir(exist_ok=True)
+        tmp = f.with_name(f".{f.name}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "model": model_ref, "adapter": adapter, "eval": ev}, indent=1))
+        os.replace(tmp, f)
+        return ev
+
+
+def _write_report(out: Path, recipe: Recipe, state: dict, start_eval: dict | None) -> None:
+    from . import report as R
+    rows = [R.row_from_eval("start: " + Path(recipe.model).name, start_eval)]
+    curves, alloc = {}, {}
+    for s in state["stages"]:
+        folder = out / s["folder"]
+        ev, name, extra = None, s["folder"], {}
+        f = out / "report" / f"{s['folder']}.json"
+        if f.is_file():
+            ev = json.loads(f.read_text()).get("eval")
+        if s["kind"] == "eval" and Path(s["output"]).is_file():       # its own data: not on the report's plot
+            ev = json.loads(Path(s["output"]).read_text())
+            name, extra = f"{s['folder']} (its data)", {"in_plot": False}
+        if s["kind"] == "export" and Path(s["output"]).exists():
+            extra["disk_mb"] = R.folder_bytes(Path(s["output"])) / 1e6
+        rows.append(R.row_from_eval(name, ev, seconds=s.get("seconds"), peak_rss_mb=s.get("peak_rss_mb"), **extra))
+        if s["kind"] in ("train", "distill"):
+            curves[s["folder"]] = R.loss_curve(folder)
+        a = folder / "allocation.json"
+        if a.is_file():
+            alloc[s["folder"]] = json.loads(a.read_text())
+    notes = [f"- recipe {recipe.name} ({recipe.path}) on {recipe.model}; a stage reused by --resume shows the "
+             "wall time and peak memory of the run that made it"]
+    if recipe.report is not None:
+        notes.append(f"- every stage's model evaluated on {recipe.report['data']}: {recipe.report['windows']} windows "
+                     f"x {recipe.report['seqlen']} tokens; KL and top-1 against {recipe.model}")
+    R.write(out, f"slimlm run: {recipe.name}", rows, curves=curves, allocation=alloc, notes=notes)
+
+
 def run(recipe_path: str | os.PathLike, output: str | os.PathLike | None = None, resume: bool = False,
         echo=print, model: str | None = None, data: dict[str, str] | None = None) -> dict:
     """Run a recipe into `output` (default: runs/<name>); `model` and `data` ({name: source}) replace the
@@ -368,7 +447,11 @@ def run(recipe_path: str | os.PathLike, output: str | os.PathLike | None = None,
     old = {s["folder"]: s for s in (state or {}).get("stages", [])}
     state = {"recipe": recipe.name, "model": recipe.model, "file": str(recipe.path), "stages": []}
     _write_state(out, state)
+    from . import report as R
+
     current, adapter, previous = recipe.model, None, _model_id(recipe.model)
+    evaluate = _Evaluator(recipe, out)
+    start_eval = evaluate("00-start", previous, recipe.model, None)
     for st, raw in zip(recipe.stages, normalized):
         cmd = _command(st.kind)
         folder = out / st.folder
@@ -396,7 +479,8 @@ def run(recipe_path: str | os.PathLike, output: str | os.PathLike | None = None,
         prev = old.get(st.folder)
         record = {"folder": st.folder, "kind": st.kind, "fingerprint": fp, "output": str(target)}
         if prev is not None and prev.get("fingerprint") == fp and prev.get("done") and target.exists():
-            state["stages"].append({**record, "done": True, "seconds": prev.get("seconds"), "reused": True})
+            state["stages"].append({**record, "done": True, "seconds": prev.get("seconds"), "reused": True,
+                                    "peak_rss_mb": prev.get("peak_rss_mb")})
             _write_state(out, state)
             echo(f"slimlm run: {st.label}: done before with the same inputs and settings; reused {target}")
         else:
@@ -414,6 +498,7 @@ def run(recipe_path: str | os.PathLike, output: str | os.PathLike | None = None,
             state["stages"].append({**record, "done": False})
             _write_state(out, state)
             echo(f"slimlm run: {st.label} -> {target}" + (" (continuing its checkpoint)" if "resume" in flags else ""))
+            R.reset_peak_rss()
             t0 = time.perf_counter()
             try:
                 try:
@@ -428,7 +513,8 @@ def run(recipe_path: str | os.PathLike, output: str | os.PathLike | None = None,
                 if target != folder and folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()                        # the folder made for a file that was never written
                 raise
-            state["stages"][-1].update(done=True, seconds=round(time.perf_counter() - t0, 1), reused=False)
+            state["stages"][-1].update(done=True, seconds=round(time.perf_counter() - t0, 1), reused=False,
+                                       peak_rss_mb=round(R.peak_rss_mb(), 1))
             _write_state(out, state)
         previous = fp
         if st.kind == "train":
@@ -438,6 +524,9 @@ def run(recipe_path: str | os.PathLike, output: str | os.PathLike | None = None,
                 current, adapter = str(folder), None
         elif st.kind in MODEL_CHANGING:
             current, adapter = str(folder), None
+        if st.kind in MODEL_CHANGING:
+            evaluate(st.folder, fp, current, adapter)
+        _write_report(out, recipe, state, start_eval)
     state["model_out"], state["adapter_out"] = current, adapter
     _write_state(out, state)
     return state

@@ -69,7 +69,7 @@ def _evaluate(model, teacher_logprobs) -> dict:
     return out
 
 
-def run_one(row: str, steps: int) -> dict:
+def run_one(row: str, steps: int, evaluate: bool = True) -> dict:
     import torch
 
     import slimlm
@@ -95,7 +95,7 @@ def run_one(row: str, steps: int) -> dict:
         # perplexity on the persuasion windows at half the budget and at the end (the loop's own evaluation):
         # the "reaches the cross-entropy student's final perplexity in half the tokens" target reads it
         cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=4, lr=LR["distill"],
-                                 eval_every=max(1, steps // 2))
+                                 eval_every=max(1, steps // 2) if evaluate else 0)
         from safetensors.torch import load_file
         eval_w = load_file(str(WORK / "eval_persuasion.safetensors"))["windows"]
         out = WORK / f"distill_{row}"
@@ -113,7 +113,8 @@ def run_one(row: str, steps: int) -> dict:
             data = CachedTeacherData(data, cache, teacher=teacher, temperature=config.temperature)
             res["cache"] = {k: data.meta[k] for k in ("k", "bytes_per_token", "bytes_on_disk", "tokens")}
             t_teacher = None
-        report = api.distill(t_teacher, student, config, data, cfg, output=out, progress=False, eval_data=eval_w)
+        report = api.distill(t_teacher, student, config, data, cfg, output=out, progress=False,
+                             eval_data=eval_w if evaluate else None)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         res["persuasion_ppl_by_step"] = {0: report.get("eval_perplexity_before"),
                                          **{r["step"]: r["eval_perplexity"] for r in rows if "eval_perplexity" in r}}
@@ -121,8 +122,9 @@ def run_one(row: str, steps: int) -> dict:
                    loss=[r["loss"] for r in rows], step_s=[r["seconds"] for r in rows],
                    step_s_median=report.get("step_seconds_median"), tokens_per_s=report.get("tokens_per_s"))
     res["peak_rss_mb"] = M.peak_rss_bytes() / 2**20
-    student.eval()
-    res["eval"] = _evaluate(student, teacher)
+    if evaluate:
+        student.eval()
+        res["eval"] = _evaluate(student, teacher)
     return res
 
 
@@ -282,6 +284,45 @@ def run_peer(row: str, steps: int) -> dict:
             "versions": r["versions"], "eval": {"persuasion": r["eval"]}}
 
 
+def run_speed(steps: int, repeats: int) -> dict:
+    """Step time and peak memory only (no evaluation), each run a fresh process, in rotation: slimlm online
+    forward KL, slimlm from the cached top-k logits (the cache built before, untimed), TRL's GKD at beta 0;
+    `steps` steps each, the first two left out of each median. For the targets' ratios (cache >= 1.5x online,
+    slimlm <= 0.8x TRL's step time and <= 0.6x its peak), measured back to back on a quiet CPU."""
+    import statistics
+
+    from slimlm.hardware import training_allocator_env
+
+    env = training_allocator_env() or os.environ.copy()
+    runs: dict[str, list] = {"forward_kl": [], "forward_kl_cached": [], "forward_kl__trl": []}
+    for _ in range(repeats):
+        for row in ("forward_kl", "forward_kl_cached"):
+            done = subprocess.run([sys.executable, __file__, "one", "--row", row, "--steps", str(steps), "--no-eval"],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                sys.exit(f"bench: {row} failed:\n{done.stderr[-3000:]}")
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[row].append({"step_s_median": statistics.median(r["step_s"][2:]), "peak_rss_mb": r["peak_rss_mb"],
+                              "allocator": "tcmalloc" if "LD_PRELOAD" in env else "glibc"})
+        out = WORK / f"peer_trl_speed_{steps}.json"
+        cmd = [str(PEER_PY), str(P.ROOT / "bench" / "peer_trl.py"), "--teacher", base_path("fp32"), "--every", "2",
+               "--batches", str(WORK / "batches.safetensors"), "--steps", str(steps), "--lr", str(LR["distill"]),
+               "--beta", "0", "--threads", str(P.THREADS), "--json", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench: TRL failed:\n{done.stderr[-3000:]}")
+        r = json.loads(out.read_text())
+        runs["forward_kl__trl"].append({"step_s_median": r["step_s_median"], "peak_rss_mb": r["peak_rss_mb"],
+                                        "versions": r["versions"]})
+    med = {k: statistics.median(x["step_s_median"] for x in v) for k, v in runs.items()}
+    peak = {k: statistics.median(x["peak_rss_mb"] for x in v) for k, v in runs.items()}
+    return {"row": "speed", "steps": steps, "repeats": repeats, "cpu": P.machine(),
+            "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": runs, "step_s_median": med, "peak_rss_mb": peak,
+            "cached_speedup": med["forward_kl"] / med["forward_kl_cached"],
+            "step_vs_trl": med["forward_kl"] / med["forward_kl__trl"],
+            "peak_vs_trl": peak["forward_kl"] / peak["forward_kl__trl"]}
+
+
 def _record(row: str, res: dict) -> None:
     path = P.RESULTS / "distill.json"
     figures = json.loads(path.read_text())["figures"] if path.is_file() else {}
@@ -315,6 +356,10 @@ def main() -> None:
     one = sub.add_parser("one", help="(internal) one row in this process")
     one.add_argument("--row", required=True, choices=sorted(ROWS))
     one.add_argument("--steps", type=int, default=50)
+    one.add_argument("--no-eval", action="store_true")
+    spd = sub.add_parser("speed", help="step time and peak memory: online, cached, TRL, in rotation")
+    spd.add_argument("--steps", type=int, default=8)
+    spd.add_argument("--repeats", type=int, default=2)
     pe = sub.add_parser("peer", help="TRL's GKD trainer at the settings of slimlm's rows")
     pe.add_argument("--only", default=",".join(PEER_ROWS))
     pe.add_argument("--steps", type=int, default=50)
@@ -326,7 +371,12 @@ def main() -> None:
     sub.add_parser("table")
     a = ap.parse_args()
     if a.cmd == "one":
-        print(json.dumps(run_one(a.row, a.steps)))
+        print(json.dumps(run_one(a.row, a.steps, evaluate=not a.no_eval)))
+    elif a.cmd == "speed":
+        res = run_speed(a.steps, a.repeats)
+        _record("speed", res)
+        print(f"bench: speed: step s {res['step_s_median']}, peak MB {res['peak_rss_mb']}; cached x"
+              f"{res['cached_speedup']:.2f}, vs TRL step {res['step_vs_trl']:.2f}, peak {res['peak_vs_trl']:.2f}")
     elif a.cmd == "peer":
         for row in a.only.split(","):
             res = run_peer(row, a.steps)

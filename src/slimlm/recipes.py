@@ -51,6 +51,9 @@ WIRED = {
     "export": {"model_ref", "output", "overwrite"},
 }
 MODEL_CHANGING = {"prune", "distill", "train", "merge", "quantize"}
+# training methods whose output is an adapter beside the model (the rest write a model); merge folds in LoRA
+ADAPTER_METHODS = {"lora", "prompt", "ptuning", "prefix", "ptuning-v2", "adapter"}
+MERGEABLE = {"lora"}
 # every stage's model evaluated for report.md (perplexity, KL and top-1 against the recipe's model, size,
 # speed); `report: false` in a recipe turns it off
 REPORT_DEFAULTS = {"data": "python-docs", "windows": 8, "seqlen": 512, "speed": True}
@@ -236,7 +239,8 @@ def check(recipe: Recipe) -> list[dict[str, Any]]:
     from . import registry
     from .configs import build_config
 
-    exported = adapter_pending = False
+    exported = False
+    adapter_pending: str | None = None               # the method of a train stage whose adapter is not merged
     changed = False                                  # has a stage before this one changed the recipe's model
     normalized = []
     for st in recipe.stages:
@@ -269,19 +273,21 @@ def check(recipe: Recipe) -> list[dict[str, Any]]:
         if exported and st.kind in MODEL_CHANGING:
             raise SlimlmError(f"{where}: {st.kind} cannot follow an export (an export writes a file for other tools "
                               "and ends the chain); move the export to the end")
-        if st.kind == "merge" and not adapter_pending:
-            raise SlimlmError(f"{where}: merge folds in the adapter of the train stage right before it; there is none")
+        if st.kind == "merge" and adapter_pending not in MERGEABLE:
+            raise SlimlmError(f"{where}: merge folds in the LoRA adapter of a train stage before it; " + (
+                "there is none" if adapter_pending is None else f"a {adapter_pending} adapter cannot be merged"))
         if st.kind in ("prune", "quantize", "distill") and adapter_pending:
-            raise SlimlmError(f"{where}: the train stage before it may leave an adapter beside the model; fold it in "
-                              f"with a merge stage before {st.kind}")
+            raise SlimlmError(f"{where}: the {adapter_pending} adapter of the train stage before it would be dropped; "
+                              + ("fold it in with a merge stage first" if adapter_pending in MERGEABLE else
+                                 "put that train stage after the stages that change the weights"))
         if st.kind == "distill" and "student" not in opts and not changed:
             raise SlimlmError(f"{where}: nothing before it changed the model, so the student would be the teacher "
                               "itself; give student: layers:every-2 (or a model), or prune first")
         exported = exported or st.kind == "export"
         if st.kind == "train":
-            adapter_pending = True
+            adapter_pending = ctx.params["method"] if ctx.params["method"] in ADAPTER_METHODS else None
         elif st.kind in MODEL_CHANGING:
-            adapter_pending = False
+            adapter_pending = None
         changed = changed or st.kind in MODEL_CHANGING
     return normalized
 

@@ -409,7 +409,8 @@ def _write_report(out: Path, recipe: Recipe, state: dict, start_eval: dict | Non
         if a.is_file():
             alloc[s["folder"]] = json.loads(a.read_text())
     notes = [f"- recipe {recipe.name} ({recipe.path}) on {recipe.model}; a stage reused by --resume shows the "
-             "wall time and peak memory of the run that made it"]
+             "wall time and peak memory of the run that made it; peak MB is the run process's peak resident memory "
+             "during the stage (what earlier stages left resident counts too)"]
     if recipe.report is not None:
         notes.append(f"- every stage's model evaluated on {recipe.report['data']}: {recipe.report['windows']} windows "
                      f"x {recipe.report['seqlen']} tokens; KL and top-1 against {recipe.model}")

@@ -4,6 +4,7 @@ teacher, and the method on the loop (trains, agrees more with its teacher, saves
 loads, resumes exactly); bad input in one line."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -433,6 +434,30 @@ def test_training_from_a_full_vocabulary_cache_equals_online_distillation(tmp_pa
                     CachedTeacherData(windows_data(4), tmp_path / "c"), cfg, progress=False)
 
 
+def test_a_sampled_cache_is_an_unbiased_estimate_and_its_gradient_reaches_the_tail():
+    """kind=sampled: k draws as distinct ids with log(count / k) (the rest at FLOOR); averaged over draws the
+    estimate is the teacher's distribution, and the cached forward-KL gradient on the student's logits is
+    exactly p_s - p_hat on every token of the vocabulary (top-k's is zero-sum over the tail bucket only)."""
+    from slimlm.distill.cache import FLOOR, _select
+
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(3, 40, generator=g, dtype=torch.float64) * 1.5, -1).float()
+    k = 16
+    mean = torch.zeros(3, 40)
+    for seed in range(1500):
+        v, ids = _select(lp, k, "sampled", torch.Generator().manual_seed(seed))
+        assert all(len(set(r.tolist())) == k for r in ids)                       # distinct slots
+        drawn = v > FLOOR / 2
+        torch.testing.assert_close(torch.where(drawn, v.exp(), 0.0).sum(-1), torch.ones(3))
+        mean.scatter_add_(1, ids, torch.where(drawn, v.exp(), 0.0))
+    torch.testing.assert_close(mean / 1500, lp.exp(), atol=0.012, rtol=0)
+    z = torch.randn(3, 40, generator=g, requires_grad=True)
+    v, ids = _select(lp, k, "sampled", torch.Generator().manual_seed(7))
+    KD.topk_kl(z, v, ids).sum().backward()
+    p_hat = torch.zeros(3, 40).scatter_add_(1, ids, torch.where(v > FLOOR / 2, v.exp(), 0.0))
+    torch.testing.assert_close(z.grad, torch.softmax(z.detach(), -1) - p_hat, atol=1e-5, rtol=0)
+
+
 def test_cli_builds_the_cache_once_and_reuses_it(teacher_dir, tmp_path, capsys):
     common = ["distill", "--teacher", str(teacher_dir), "--student", "layers:every-2", "--data",
               str(tmp_path / "text.txt"), "--seqlen", "32", "--batch-size", "2", "--steps", "3",
@@ -451,6 +476,13 @@ def test_cli_builds_the_cache_once_and_reuses_it(teacher_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "another teacher" in err and err.count("\n") == 1
     assert not list((tmp_path / "outs").iterdir())
+    assert main([*common, "--cache-kind", "sampled", "--output", str(tmp_path / "outs" / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "topk tokens, not sampled" in err and err.count("\n") == 1
+    sampled = [*common, "--cache-kind", "sampled", "--output", str(tmp_path / "e")]
+    sampled[sampled.index("--teacher-cache") + 1] = str(tmp_path / "cache-sampled")
+    assert main(sampled) == 0 and "teacher's distribution in 16 draws" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cache-sampled" / "cache.json").read_text())["kind"] == "sampled"
 
 
 # --------------------------------------------------------------------------------------------------- MiniLLM

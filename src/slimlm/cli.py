@@ -663,6 +663,10 @@ def _train_command(family: str):
                              "training reads it instead of running the teacher (logit losses only)"),
                 click.Option(["--cache-k"], type=int, default=64, show_default=True,
                              help="tokens kept per position in a new cache (4 bytes each)"),
+                click.Option(["--cache-kind"], default="topk", show_default=True,
+                             type=click.Choice(["topk", "sampled"]),
+                             help="a new cache keeps the teacher's top k tokens, or k draws from its distribution "
+                             "(an unbiased estimate: the student's tail is taught too)"),
                 click.Option(["--assistant"], default=None, help="a teacher assistant built from the teacher "
                              "(layers:...), distilled first (saved to OUTPUT.assistant); the student is then "
                              "distilled from it, a --student spec applying to the assistant's layers")]
@@ -766,10 +770,13 @@ def _run_train(family: str, kw: dict, field_names: list[str], train_fields: list
         from .distill import cache as C
         folder = _P(kw["teacher_cache"]).expanduser()
         if not folder.exists():
-            meta = C.build_cache(teacher, data, folder, k=kw["cache_k"], temperature=config.temperature)
-            click.echo(f"cached the teacher's top {meta['k']} per position for {meta['batches']} batches: "
+            meta = C.build_cache(teacher, data, folder, k=kw["cache_k"], temperature=config.temperature,
+                                 kind=kw["cache_kind"], seed=cfg.seed)
+            what = f"top {meta['k']}" if meta["kind"] == "topk" else f"distribution in {meta['k']} draws"
+            click.echo(f"cached the teacher's {what} per position for {meta['batches']} batches: "
                        f"{meta['bytes_per_token']} bytes per token, {meta['bytes_on_disk'] / 2**20:.1f} MiB -> {folder}")
-        data = C.CachedTeacherData(data, folder, teacher=teacher, temperature=config.temperature)
+        data = C.CachedTeacherData(data, folder, teacher=teacher, temperature=config.temperature,
+                                   kind=kw["cache_kind"])
         teacher = None                                         # training never runs it again
         import gc
         gc.collect()

@@ -227,5 +227,5 @@ register_family(Family("train", ("slimlm.adapt.methods", "slimlm.pruning.movemen
                        _train_options(), "Train a model (fine-tuning, adapters)", command="train"))
 register_family(Family("distill", ("slimlm.distill.method",), "distill", "distilled",
                        (_train_options() - {"model", "method"}) | {"teacher", "student", "student_init",
-                                                                    "teacher_cache", "cache_k", "assistant"},
+                                                                    "teacher_cache", "cache_k", "cache_kind", "assistant"},
                        "Distill a teacher into a student", command="distill"))

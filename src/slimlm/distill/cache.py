@@ -10,6 +10,16 @@ Layout of a cache folder (written to a temporary folder, renamed into place when
 Bytes per token: k * (2 + 2) (k * 6 beyond 65,536 tokens): k = 64 is 256 bytes. The loss from the cache
 (core.distill.topk_kl) puts the teacher's mass outside its top k into one more bucket.
 
+Two kinds of cache, the same layout:
+    topk     the teacher's k most likely tokens with their log-probabilities: the mass outside them (13% on
+             average at k = 64 for the default model on the training text) reaches the student only as the
+             bucket's total, so the student's tail is never shaped by the teacher;
+    sampled  k tokens drawn from the teacher's distribution with replacement (seeded per batch), stored as the
+             distinct tokens drawn with log(count / k) and, in the remaining slots, undrawn tokens at log-
+             probability ~0: an unbiased estimate of the teacher's distribution (the sparse random-sampling
+             distillation of Anshumann et al. 2025), so the forward-KL gradient from the cache is unbiased:
+             E[p_s - p_hat] = p_s - p_t, for every token, the tail included.
+
 Fingerprints: the teacher's is a hash of its configuration and of a strided sample of every weight; the
 data's a hash of the token ids of each batch (a run of fewer steps reuses the first batches of a cache). Training from a cache with other data, or checking it against
 another teacher, is refused in one line.
@@ -56,8 +66,25 @@ def batch_hashes(data, batches: int) -> list[str]:
     return out
 
 
+KINDS = ("topk", "sampled")
+FLOOR = -69.0                     # log(1e-30): an undrawn token's log-probability in a sampled cache
+
+
+def _select(lp: Tensor, k: int, kind: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(values, ids) (C, k) from log-probabilities lp (C, V): the top k, or k draws with replacement
+    summarised as distinct ids with log(count / k) (undrawn slots: other ids at FLOOR)."""
+    if kind == "topk":
+        return lp.topk(k, dim=-1)
+    draws = torch.multinomial(lp.exp(), k, replacement=True, generator=generator)          # (C, k)
+    counts = torch.zeros_like(lp).scatter_add_(1, draws, torch.ones_like(draws, dtype=lp.dtype))
+    c, ids = counts.topk(k, dim=-1)                       # the drawn ids first, then distinct undrawn ones
+    vals = torch.where(c > 0, torch.log(c.clamp(min=1) / k), torch.full_like(c, FLOOR))
+    return vals, ids
+
+
 @torch.no_grad()
-def _top_k(teacher: nn.Module, batch: dict, k: int, temperature: float, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+def _top_k(teacher: nn.Module, batch: dict, k: int, temperature: float, chunk: int = 1024, kind: str = "topk",
+           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     from ..distill.method import _base, _head
 
     ids = batch["input_ids"]
@@ -71,22 +98,26 @@ def _top_k(teacher: nn.Module, batch: dict, k: int, temperature: float, chunk: i
             if head.bias is not None:
                 z = z + head.bias.float()
             lp = torch.log_softmax(z / temperature, dim=-1)
-            v, i = lp.topk(k, dim=-1)
+            v, i = _select(lp, k, kind, generator)
             vals.append(v)
             idx.append(i)
         v, i = torch.cat(vals), torch.cat(idx)
     else:
         z = teacher(input_ids=ids, attention_mask=batch.get("attention_mask"), use_cache=False).logits.float()
-        v, i = torch.log_softmax(z / temperature, dim=-1).topk(k, dim=-1)
+        lp = torch.log_softmax(z / temperature, dim=-1)
+        v, i = _select(lp.reshape(-1, lp.shape[-1]), k, kind, generator)
     shape = (*ids.shape, k)
     return v.reshape(shape), i.reshape(shape)
 
 
 def build_cache(teacher: nn.Module, data, folder: str | os.PathLike, *, k: int = 64, temperature: float = 1.0,
-                batches: int | None = None, progress: bool = True) -> dict:
-    """Run the teacher once over `batches` batches of `data` (default: all) and write the cache folder."""
+                batches: int | None = None, progress: bool = True, kind: str = "topk", seed: int = 0) -> dict:
+    """Run the teacher once over `batches` batches of `data` (default: all) and write the cache folder
+    (`kind`: topk or sampled, see the module docstring; `seed` seeds a sampled cache's draws)."""
     if k < 1:
         raise ConfigError(f"--cache-k must be at least 1 (got {k})")
+    if kind not in KINDS:
+        raise ConfigError(f"--cache-kind takes {' or '.join(KINDS)}, not {kind!r}")
     folder = Path(folder)
     n = len(data) if batches is None else batches
     vocab = teacher.get_output_embeddings().weight.shape[0]
@@ -104,14 +135,15 @@ def build_cache(teacher: nn.Module, data, folder: str | os.PathLike, *, k: int =
             it = tqdm(it, desc="teacher top-k", unit="batch")
         for i in it:
             b = data.batch(i)
-            v, idx = _top_k(teacher, b, k, temperature)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i) if kind == "sampled" else None
+            v, idx = _top_k(teacher, b, k, temperature, kind=kind, generator=g)
             part[f"logprobs.{i}"] = v.half().contiguous()
             part[f"indices.{i}"] = (idx.to(torch.int32).to(torch.int16) if small else idx.to(torch.int32)).contiguous()
             tokens += b["input_ids"].numel()
             if len(part) == 2 * PER_FILE or i == n - 1:
                 save_file(part, str(tmp / f"part-{i // PER_FILE:05d}.safetensors"))
                 part = {}
-        meta = {"k": k, "temperature": temperature, "vocab": vocab, "batches": n, "tokens": tokens,
+        meta = {"kind": kind, "k": k, "temperature": temperature, "vocab": vocab, "batches": n, "tokens": tokens,
                 "index_bytes": 2 if small else 4, "bytes_per_token": k * (2 + (2 if small else 4)),
                 "teacher": teacher_fingerprint(teacher), "teacher_ref": getattr(teacher, "slimlm_ref", None),
                 "data": batch_hashes(data, n)}
@@ -137,10 +169,13 @@ class CachedTeacherData:
     """Training data whose batches carry the teacher's cached top-k ("teacher_logprobs", "teacher_indices")."""
 
     def __init__(self, data, folder: str | os.PathLike, *, teacher: nn.Module | None = None,
-                 temperature: float | None = None) -> None:
+                 temperature: float | None = None, kind: str | None = None) -> None:
         self.data, self.folder = data, Path(folder)
         self.meta = read_meta(folder)
         m = self.meta
+        if kind is not None and kind != m.get("kind", "topk"):
+            raise ConfigError(f"the cache in {folder} holds the teacher's {m.get('kind', 'topk')} tokens, not "
+                              f"{kind}: use --cache-kind {m.get('kind', 'topk')} or build a new cache elsewhere")
         if len(data) > m["batches"]:
             raise ConfigError(f"the cache in {folder} holds {m['batches']} batches; this run needs {len(data)}: use "
                               "the same --steps/--tokens, --batch-size and --seqlen, or build a new cache")

@@ -246,7 +246,7 @@ def test_bad_awq_grid_sizes():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(overrides="down_proj8"), "not PATTERN=VALUE"),
-    (dict(overrides="down_proj=9"), "'none' or one of the bit widths"),
+    (dict(overrides="down_proj=9"), "'none', one of the bit widths"),
     (dict(group_size=-2), "group_size must be"),
     (dict(group_fallback="maybe"), "group_fallback must be one of"),
 ])

@@ -39,7 +39,7 @@ class Family:
 # Options of the one-shot compression commands (slimlm.cli._family_command), shared by quantize and prune.
 COMPRESSION_OPTIONS = frozenset({"model", "method", "data", "field", "samples", "seqlen", "output", "overwrite",
                                  "batch_size", "precise", "threads", "trust_remote_code", "device", "dtype",
-                                 "budget_bits", "budget_mb", "budget_sparsity", "budget_candidates"})
+                                 "budget_candidates"})
 
 _FAMILIES: dict[str, Family] = {}
 
@@ -207,9 +207,9 @@ def default_format(model: Any) -> Format:
 
 # ---------------------------------------------------------------------------------------- built-in families
 register_family(Family("quantize", ("slimlm.quant.methods", "slimlm.quant.awq"), "quantize", "quantized",
-                       COMPRESSION_OPTIONS, "Quantize a model"))
+                       COMPRESSION_OPTIONS | {"budget_bits", "budget_mb"}, "Quantize a model"))
 register_family(Family("prune", ("slimlm.pruning.methods", "slimlm.pruning.structured"), "prune", "pruned",
-                       COMPRESSION_OPTIONS, "Prune a model"))
+                       COMPRESSION_OPTIONS | {"budget_sparsity"}, "Prune a model"))
 
 
 def _train_options() -> frozenset[str]:

@@ -112,6 +112,8 @@ def test_an_interrupted_training_stage_continues_from_its_checkpoint(model_dir, 
     ("model: {model}\nstages:\n  - train: {{method: lora, data: {text}, steps: 0}}\n", "stage 1 (train, line 3): --steps"),
     ("model: {model}\nstages:\n  - train: {{method: lora, data: {text}, sparsity: 0.5}}\n",
      "--sparsity does not apply to method lora"),
+    ("model: {model}\nstages:\n  - quantize: {{method: rtn, data: {text}, budget_bits: 40}}\n",
+     "stage 1 (quantize, line 3): --budget-bits 40 is outside"),
 ])
 def test_bad_recipes_fail_in_one_line_before_anything_runs(model_dir, text_file, tmp_path, capsys, body, msg):
     recipe = write(tmp_path, body.format(model=model_dir, text=text_file))

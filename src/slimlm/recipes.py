@@ -262,7 +262,11 @@ def check(recipe: Recipe) -> list[dict[str, Any]]:
             method = registry.get(st.kind, "distill" if fam.command == "distill" else ctx.params["method"])
             own = set(fam.reserved) | {"model_ref"}
             try:
-                build_config(method.config_cls, {k: v for k, v in ctx.params.items() if k not in own}, method.name)
+                config = build_config(method.config_cls, {k: v for k, v in ctx.params.items() if k not in own},
+                                      method.name)
+                if any(ctx.params.get(k) is not None for k in ("budget_bits", "budget_mb", "budget_sparsity")):
+                    from . import budget
+                    budget.check(st.kind, config, ctx.params)
                 if fam.command in ("train", "distill"):
                     from .training.config import TrainConfig
                     build_config(TrainConfig, {f.name: ctx.params.get(f.name) for f in dataclasses.fields(TrainConfig)},

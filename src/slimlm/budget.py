@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ConfigError, SlimlmError
+from .errors import SlimlmError
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,4 @@ def apply(family: str, model: nn.Module, config: Any, windows, kw: dict) -> tupl
                                              * weights / 8) / 2**20
     s = record["summary"]
     log.info("allocation: average %.4f, settings %s", s["average_cost"], s["settings"])
-    if not dataclasses.is_dataclass(config):
-        raise ConfigError("internal: a budget needs a dataclass config")
     return config, record

@@ -98,36 +98,6 @@ def sparsity_settings(spec: str) -> list[Setting]:
     return out
 
 
-def input_moments(model: nn.Module, names: list[str], windows: Tensor, batch_size: int = 4) -> dict[str, Tensor]:
-    """H = X^T X / n (in, in) of each named linear layer's inputs over the windows, float32; layers that read
-    the same input (q/k/v, gate/up) share one matrix."""
-    mods = dict(model.named_modules())
-    hs: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-
-    def hook(name):
-        def fn(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if name not in hs:
-                hs[name] = torch.zeros(x.shape[1], x.shape[1])
-                counts[name] = 0
-            hs[name].addmm_(x.T, x)
-            counts[name] += x.shape[0]
-        return fn
-
-    for n in names:
-        handles.append(mods[n].register_forward_pre_hook(hook(n)))
-    try:
-        with torch.no_grad():
-            for i in range(0, windows.shape[0], batch_size):
-                model(input_ids=windows[i:i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: hs[n] / counts[n] for n in names if n in hs}
-
-
 def _error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     d = (W - W_hat).float()
     return float(((d @ H) * d).sum())
@@ -166,7 +136,8 @@ def sensitivities(model: nn.Module, names: list[str], settings: dict[str, list[S
     if bad:
         raise ConfigError(f"budget allocation reads and swaps nn.Linear weights; {bad[0]} is a "
                           f"{type(mods[bad[0]]).__name__}")
-    H = input_moments(model, names, windows)
+    from .calibration import input_grams
+    H = input_grams(model, {n: mods[n] for n in names}, windows)
     ref = _logprobs(model, kl_ids)
     table: dict[str, dict] = {}
     checks = []

@@ -114,34 +114,7 @@ def merge_adapter(model: nn.Module, name: str = "default", *, into: str = "base"
 def input_hessians(model: nn.Module, windows: Tensor, name: str = "default", batch_size: int = 4) -> dict[str, Tensor]:
     """H = 2/n sum_t x_t x_t^T of every adapted packed layer's input over calibration `windows` (N, L), with
     the adapters applied (the inputs the merged model's layers will see), one forward per batch."""
-    import torch
-
-    from ..calibration import gram_upper_, mirror_upper_
+    from ..calibration import input_grams
 
     layers = {n: w for n, w in adapter_layers(model, name).items() if isinstance(w.base, QuantLinear)}
-    acc: dict[str, Tensor] = {}
-    rows: dict[str, int] = {}
-
-    def hook(lname):
-        def pre(_m, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if lname not in acc:
-                acc[lname] = x.new_zeros(x.shape[1], x.shape[1])
-                rows[lname] = 0
-            gram_upper_(acc[lname], x)
-            rows[lname] += x.shape[0]
-        return pre
-
-    handles = [w.register_forward_pre_hook(hook(n)) for n, w in layers.items()]
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for x in windows.split(batch_size):
-                model(input_ids=x.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    for n, H in acc.items():
-        mirror_upper_(H)
-        H.mul_(2.0 / rows[n])
-    return acc
+    return {n: H.mul_(2.0) for n, H in input_grams(model, layers, windows, batch_size).items()}

@@ -42,6 +42,7 @@ from .common import (
     StopForward,
     find_blocks,
     gram_upper_,
+    input_grams,
     is_linear,
     mirror_upper_,
     passes_in_bf16,
@@ -50,4 +51,4 @@ from .runner import run_layerwise
 from .staged import call_of
 
 __all__ = ["STATS", "BlockContext", "LinearInfo", "LinearStats", "Processor", "RunnerOptions", "StopForward",
-           "call_of", "find_blocks", "gram_upper_", "is_linear", "mirror_upper_", "passes_in_bf16", "run_layerwise"]
+           "call_of", "find_blocks", "gram_upper_", "input_grams", "is_linear", "mirror_upper_", "passes_in_bf16", "run_layerwise"]

@@ -131,6 +131,38 @@ def mirror_upper_(m: Tensor) -> None:
     m.copy_(upper + torch.triu(upper, 1).t())
 
 
+def input_grams(model: nn.Module, modules: dict[str, nn.Module], windows: Tensor,
+                batch_size: int = 4) -> dict[str, Tensor]:
+    """X^T X / n (in, in) fp32 of each named module's input over token `windows` (N, L), one plain forward of
+    the whole model per batch (forward pre-hooks; a module never called is left out)."""
+    acc: dict[str, Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name):
+        def pre(_m, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if name not in acc:
+                acc[name] = x.new_zeros(x.shape[1], x.shape[1])
+                rows[name] = 0
+            gram_upper_(acc[name], x)
+            rows[name] += x.shape[0]
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for x in windows.split(batch_size):
+                model(input_ids=x.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, H in acc.items():
+        mirror_upper_(H)
+        H.div_(rows[n])
+    return acc
+
+
 # ----------------------------------------------------------------------------------------------- contexts
 class StopForward(Exception):
     """Raised inside a block (by a hook) to stop a forward pass once what was needed has been seen."""

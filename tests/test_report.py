@@ -68,6 +68,9 @@ def test_a_recipe_reports_every_stage_and_slimlm_report_redraws_and_compares(mod
     assert main(["report", str(run)]) == 0 and (run / "report.md").read_text() == first
     assert main(["run", str(recipe), "--output", str(run), "--resume"]) == 0       # reused, evaluations too
     assert json.loads((run / "report.json").read_text())["rows"] == data["rows"]
+    recipe.write_text(recipe.read_text().replace("windows: 2", "windows: 3"))      # other report settings:
+    assert main(["run", str(recipe), "--output", str(run), "--resume"]) == 0       # the stages are reused,
+    assert json.loads((run / "report" / "01-quantize.json").read_text())["eval"]["windows"] == 3   # re-evaluated
     both = tmp_path / "both"
     assert main(["report", str(run), str(run / "01-quantize"), "--output", str(both)]) == 0
     rows = json.loads((both / "report.json").read_text())["rows"]

@@ -20,6 +20,7 @@ fits), then a greedy pass that spends what the rounding left on the best loss dr
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -113,16 +114,15 @@ def _kl(ref: Tensor, model: nn.Module, ids: Tensor) -> float:
     return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
 
+@contextlib.contextmanager
 def _swap(mod: nn.Module, W_hat: Tensor):
-    """Context: the layer's weight replaced by W_hat for the block (restored after)."""
-    class _Ctx:
-        def __enter__(self):
-            self.old = mod.weight.data
-            mod.weight.data = W_hat.to(self.old.dtype)
-
-        def __exit__(self, *exc):
-            mod.weight.data = self.old
-    return _Ctx()
+    """The layer's weight replaced by W_hat inside the block, restored after."""
+    old = mod.weight.data
+    mod.weight.data = W_hat.to(old.dtype)
+    try:
+        yield
+    finally:
+        mod.weight.data = old
 
 
 def sensitivities(model: nn.Module, names: list[str], settings: dict[str, list[Setting]], reference: str,

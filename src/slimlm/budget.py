@@ -15,6 +15,7 @@ from .errors import SlimlmError
 log = logging.getLogger(__name__)
 
 FULL_BITS = 32.0          # what an unquantized fp32 weight costs
+VALIDATE_EVERY = 21       # the proxy checked against measured KL at every candidate on every 21st layer
 
 
 def _quant_candidates(config, kw: dict) -> str:
@@ -120,7 +121,7 @@ def apply(family: str, model: nn.Module, config: Any, windows, kw: dict) -> tupl
     reference = {n: min(settings[n], key=lambda s: abs(s.cost - budget)).label for n in names}
     ref_label = max(set(reference.values()), key=list(reference.values()).count)
     sens = A.sensitivities(model, names, settings, ref_label, windows[: min(32, windows.shape[0])],
-                           windows[:2, : min(256, windows.shape[1])], validate_every=kw.get("budget_validate", 21),
+                           windows[:2, : min(256, windows.shape[1])], validate_every=VALIDATE_EVERY,
                            progress=log.isEnabledFor(logging.INFO))
     choice = A.allocate(sens["layers"], budget)
     if family == "quantize":

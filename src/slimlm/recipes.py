@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class Recipe:
     data: dict[str, str]
     stages: list[Stage]
     path: Path
-    raw: dict = field(default_factory=dict)
     report: dict | None = None       # evaluation of every stage for report.md: data, windows, seqlen, speed
 
 
@@ -146,7 +145,7 @@ def load(path: str | os.PathLike) -> Recipe:
         if not isinstance(rep, dict) or set(rep) - set(REPORT_DEFAULTS):
             raise _fail(p, f"report is false or a mapping with {', '.join(REPORT_DEFAULTS)}")
         report = {**REPORT_DEFAULTS, "data": "eval" if "eval" in data else REPORT_DEFAULTS["data"], **rep}
-    return Recipe(str(name), model, dict(data), stages, p, doc, report)
+    return Recipe(str(name), model, dict(data), stages, p, report)
 
 
 def _stage_lines(node) -> list[int]:
@@ -363,6 +362,9 @@ class _Evaluator:
     def __call__(self, key: str, fp: str, model_ref: str, adapter: str | None) -> dict | None:
         if self.recipe.report is None:
             return None
+        st = self.recipe.report
+        fp = hashlib.sha256(json.dumps([fp, st, self.recipe.data.get(st["data"], st["data"])],
+                                       sort_keys=True).encode()).hexdigest()[:20]   # the evaluation's settings too
         f = self.dir / f"{key}.json"
         if f.is_file():
             old = json.loads(f.read_text())
@@ -370,7 +372,6 @@ class _Evaluator:
                 return old["eval"]
         from . import api, models
         from . import data as D
-        st = self.recipe.report
         source = self.recipe.data.get(st["data"], st["data"])
         model = models.load_model(model_ref)
         if adapter:

@@ -189,9 +189,7 @@ def write(folder: str | os.PathLike, title: str, rows: list[dict], *, curves: di
     folder = Path(folder)
     curves, allocation = curves or {}, allocation or {}
     plots = _plots(folder, rows, curves, allocation)
-    lines = [f"# {title}", ""]
-    lines += [*(notes or []), ""] if notes else []
-    lines += _table(rows) + [""]
+    lines = [f"# {title}", "", *([*notes, ""] if notes else []), *_table(rows), ""]
     for name, pts in curves.items():
         if pts:
             lines.append(f"- {name}: loss {pts[0][1]:.4f} at step {pts[0][0]} -> {pts[-1][1]:.4f} at step {pts[-1][0]}")

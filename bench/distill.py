@@ -72,7 +72,12 @@ def _evaluate(model, teacher_logprobs) -> dict:
     return out
 
 
-def run_one(row: str, steps: int, evaluate: bool = True) -> dict:
+def row_name(row: str, lr: float | None) -> str:
+    """The results key: the row, and its learning rate where it is not the benchmark's default."""
+    return row if lr is None or lr == LR["distill"] else f"{row}@lr{lr:g}"
+
+
+def run_one(row: str, steps: int, evaluate: bool = True, lr: float | None = None) -> dict:
     import torch
 
     import slimlm
@@ -88,7 +93,8 @@ def run_one(row: str, steps: int, evaluate: bool = True) -> dict:
         student = build_student(teacher, student_ref, extra.get("init", "pretrained"))
     else:
         student = slimlm.load_model(base_path(student_ref))
-    res: dict = {"row": row, "student": student_ref, "init": extra.get("init", "pretrained"), "steps": steps,
+    lr = LR["distill"] if lr is None else lr
+    res: dict = {"row": row_name(row, lr), "student": student_ref, "init": extra.get("init", "pretrained"), "steps": steps,
                  "cpu": P.machine(), "run": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "student_parameters": sum(p.numel() for p in student.parameters()),
                  "teacher_parameters": sum(p.numel() for p in teacher.parameters())}
@@ -97,11 +103,11 @@ def run_one(row: str, steps: int, evaluate: bool = True) -> dict:
         data = FileBatches(WORK / "batches.safetensors", steps)
         # perplexity on the persuasion windows at half the budget and at the end (the loop's own evaluation):
         # the "reaches the cross-entropy student's final perplexity in half the tokens" target reads it
-        cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=4, lr=LR["distill"],
+        cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=4, lr=lr,
                                  eval_every=max(1, steps // 2) if evaluate else 0)
         from safetensors.torch import load_file
         eval_w = load_file(str(WORK / "eval_persuasion.safetensors"))["windows"]
-        out = WORK / f"distill_{row}"
+        out = WORK / f"distill_{row_name(row, lr)}"
         import shutil
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(str(out) + ".partial", ignore_errors=True)
@@ -125,7 +131,7 @@ def run_one(row: str, steps: int, evaluate: bool = True) -> dict:
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         res["persuasion_ppl_by_step"] = {0: report.get("eval_perplexity_before"),
                                          **{r["step"]: r["eval_perplexity"] for r in rows if "eval_perplexity" in r}}
-        res.update(config=opts, lr=LR["distill"], tokens=sum(r["tokens"] for r in rows),
+        res.update(config=opts, lr=lr, tokens=sum(r["tokens"] for r in rows),
                    loss=[r["loss"] for r in rows], step_s=[r["seconds"] for r in rows],
                    step_s_median=report.get("step_seconds_median"), tokens_per_s=report.get("tokens_per_s"))
     res["peak_rss_mb"] = M.peak_rss_bytes() / 2**20
@@ -360,7 +366,10 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--only", default=",".join(ROWS))
     r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {LR['distill']:g}; "
+                   "another one is recorded as ROW@lrX)")
     one = sub.add_parser("one", help="(internal) one row in this process")
+    one.add_argument("--lr", type=float, default=None)
     one.add_argument("--row", required=True, choices=sorted(ROWS))
     one.add_argument("--steps", type=int, default=50)
     one.add_argument("--no-eval", action="store_true")
@@ -378,7 +387,7 @@ def main() -> None:
     sub.add_parser("table")
     a = ap.parse_args()
     if a.cmd == "one":
-        print(json.dumps(run_one(a.row, a.steps, evaluate=not a.no_eval)))
+        print(json.dumps(run_one(a.row, a.steps, evaluate=not a.no_eval, lr=a.lr)))
     elif a.cmd == "speed":
         res = run_speed(a.steps, a.repeats)
         _record("speed", res)
@@ -405,14 +414,15 @@ def main() -> None:
     elif a.cmd == "run":
         from slimlm.hardware import training_allocator_env
         for row in a.only.split(","):
-            done = subprocess.run([sys.executable, __file__, "one", "--row", row, "--steps", str(a.steps)],
+            lr_opt = [] if a.lr is None else ["--lr", str(a.lr)]
+            done = subprocess.run([sys.executable, __file__, "one", "--row", row, "--steps", str(a.steps), *lr_opt],
                                   capture_output=True, text=True, env=training_allocator_env() or os.environ.copy())
             if done.returncode != 0:
                 sys.exit(f"bench: {row} failed:\n{done.stderr[-3000:]}")
             res = json.loads(done.stdout.strip().splitlines()[-1])
-            _record(row, res)
+            _record(res["row"], res)
             e = res["eval"]["persuasion"]
-            print(f"bench: {row}: persuasion {e['perplexity']:.2f}, KL {e.get('kl_divergence', 0):.4f}, "
+            print(f"bench: {res['row']}: persuasion {e['perplexity']:.2f}, KL {e.get('kl_divergence', 0):.4f}, "
                   f"top-1 {e.get('top1_agreement', 0):.3f}", flush=True)
     else:
         table()

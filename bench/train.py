@@ -48,6 +48,8 @@ CASES = {
     "qlora_nf4": ("nf4", {"method": "lora", "targets": "all-linear"}, "qlora-nf4"),
     "qlora_gptq4": ("gptq_w4g64", {"method": "lora", "targets": "all-linear"}, None),
     "qlora_gptq3": ("gptq_w3g64", {"method": "lora", "targets": "all-linear"}, None),
+    # the adapters start at the input-weighted rank-16 residual to the fp32 model (LoftQ / QERA start)
+    "qlora_gptq3_init": ("gptq_w3g64", {"method": "lora", "targets": "all-linear", "init_from": "fp32"}, None),
     "lora_structured20": ("structured_20", {"method": "lora", "targets": "all-linear"}, None),
     "full": ("fp32", {"method": "full"}, "full"),
     "prompt": ("fp32", {"method": "prompt", "num_virtual_tokens": VIRTUAL}, "prompt"),
@@ -108,7 +110,7 @@ def base_path(base: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ prepare
-def prepare(steps: int) -> None:
+def prepare(steps: int, bases: list[str] | None = None) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -127,7 +129,7 @@ def prepare(steps: int) -> None:
         win = D.eval_windows(D.tokenize(tok, D.load_text(P.corpus(f))), SEQLEN, P.QUICK_WINDOWS)
         save_file({"windows": win}, str(WORK / f"eval_{name}.safetensors"))
     for base, cmd in BASES.items():
-        if (WORK / base / "config.json").is_file():
+        if (WORK / base / "config.json").is_file() or (bases is not None and base not in bases):
             continue
         full = [sys.executable, "-m", "slimlm", *cmd, "--data", P.corpus(P.CALIB_TEXT), "--samples",
                 str(P.CALIB_SAMPLES), "--seqlen", str(SEQLEN), "--output", str(WORK / base), "--threads", str(P.THREADS)]
@@ -191,8 +193,9 @@ def run_one(case: str, steps: int, run_steps: int, evaluate: bool, out: str | No
     train_opts = {k: opts.pop(k) for k in list(opts) if k in ("checkpointing", "release_memory")}
     if method.name == "lora":
         opts.update(r=R, alpha=ALPHA)
-    if opts.get("prompt_teacher") == "fp32":
-        opts["prompt_teacher"] = base_path("fp32")
+    for k in ("prompt_teacher", "init_from"):
+        if opts.get(k) == "fp32":
+            opts[k] = base_path("fp32")
     config = build_config(method.config_cls, opts, method.name)
     lr = lr or case_lr or LR.get(method.name, LR["lora"])
     cfg = slimlm.TrainConfig(steps=steps, seqlen=SEQLEN, batch_size=BATCH, lr=lr, **train_opts)
@@ -667,6 +670,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("prepare")
     pr.add_argument("--steps", type=int, default=STEPS)
+    pr.add_argument("--bases", default=",".join(BASES), help="which compressed bases to build (default: all)")
     t = sub.add_parser("time")
     t.add_argument("--only", default=",".join(CASES))
     t.add_argument("--repeats", type=int, default=3)
@@ -707,7 +711,10 @@ def main() -> None:
     one.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.cmd == "prepare":
-        prepare(a.steps)
+        unknown = set(a.bases.split(",")) - set(BASES)
+        if unknown:
+            sys.exit(f"bench: unknown bases {sorted(unknown)}; choose from {', '.join(BASES)}")
+        prepare(a.steps, a.bases.split(","))
     elif a.cmd == "time":
         suite_time(a.only.split(","), a.repeats, a.run_steps, a.untimed, a.peer_tcmalloc)
     elif a.cmd == "quality":

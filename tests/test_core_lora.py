@@ -15,6 +15,7 @@ from slimlm.core.lora import (
     lora_delta,
     lora_scale,
     merge,
+    residual_init,
     unmerge,
 )
 from slimlm.errors import ConfigError
@@ -145,3 +146,53 @@ def test_dora_zero_row_stays_zero(adapter):
     assert torch.isfinite(out).all() and torch.all(out[3] == 0)
     with pytest.raises(ValueError, match="magnitude must be"):
         dora_weight(W, A, torch.zeros(OUT, R), 1.0, torch.ones(IN))
+
+
+def _output_error(E, D, X):
+    return ((X @ (E - D).T) ** 2).sum().item()
+
+
+def test_residual_init_without_inputs_is_the_truncated_svd():
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(OUT, IN, generator=g, dtype=torch.float64)
+    scale = 2.0
+    A, B = residual_init(E, R, scale)
+    assert A.shape == (R, IN) and B.shape == (OUT, R) and A.dtype == E.dtype
+    U, S, Vh = torch.linalg.svd(E)
+    ref = sum(S[k] * torch.outer(U[:, k], Vh[k]) for k in range(R))     # the top R rank-one terms
+    torch.testing.assert_close(scale * B @ A, ref, rtol=1e-10, atol=1e-10)
+    A, B = residual_init(E, min(OUT, IN), scale)                         # full rank: the residual itself
+    torch.testing.assert_close(scale * B @ A, E, rtol=1e-10, atol=1e-10)
+
+
+def test_residual_init_with_inputs_is_the_reduced_rank_regression():
+    """With H = X^T X / n the update minimises ||X (E - D)^T||: written out as reduced-rank regression, the
+    best fitted outputs of rank r are X E^T projected on the top r right singular vectors V_r of X E^T, so
+    D = V_r V_r^T E. Inputs with very unequal scales make the weighted and the plain answers differ."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(200, IN, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, IN, dtype=torch.float64)
+    E = torch.randn(OUT, IN, generator=g, dtype=torch.float64)
+    A, B = residual_init(E, R, 0.5, X.T @ X / X.shape[0], damp=0.0)
+    _, _, Vh = torch.linalg.svd(X @ E.T)
+    ref = Vh[:R].T @ Vh[:R] @ E
+    torch.testing.assert_close(0.5 * B @ A, ref, rtol=1e-8, atol=1e-8)
+    Ap, Bp = residual_init(E, R, 0.5)
+    assert _output_error(E, 0.5 * B @ A, X) < 0.9 * _output_error(E, 0.5 * Bp @ Ap, X)
+
+
+def test_residual_init_damps_inputs_that_never_vary():
+    """An input column that is always zero makes H singular: the damped H still gives a finite update, one
+    that fits the outputs at least as well as the unweighted one."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(100, IN, generator=g)
+    X[:, 7] = 0
+    E = torch.randn(OUT, IN, generator=g)
+    A, B = residual_init(E, R, 1.0, X.T @ X / 100)
+    assert A.dtype == torch.float32 and torch.isfinite(A).all() and torch.isfinite(B).all()
+    Ap, Bp = residual_init(E, R, 1.0)
+    assert _output_error(E, B @ A, X) < _output_error(E, Bp @ Ap, X)
+
+
+def test_residual_init_refuses_a_rank_beyond_the_weight():
+    with pytest.raises(ConfigError, match="rank r must be in 1..24"):
+        residual_init(torch.zeros(OUT, IN), OUT + 1, 1.0)

@@ -301,3 +301,60 @@ def test_a_merged_adapter_stays_in_the_weights_under_a_new_one():
     assert torch.allclose(logits(model, x), out_a, atol=1e-5)
     unmerge_lora(model, "a")                                    # a is not active: its term is gone
     assert torch.allclose(logits(model, x), base, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- starting from a reference
+def _kl(reference, model, x) -> float:
+    p = torch.log_softmax(logits(reference, x), -1)
+    q = torch.log_softmax(logits(model, x), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def test_init_from_reference_starts_a_quantized_base_near_the_float_model():
+    """LoftQ / QERA start: every block linear of a tiny Llama rounded to 3 bits; the rank-4 adapters fitted to
+    the rounding's residual bring the model closer to the float one than the bare 3-bit model (KL on unseen
+    windows), and the fit weighted by the inputs beats the plain SVD of the residual on the same adapters."""
+    from slimlm.adapt.lora import init_from_reference
+    from slimlm.core.lora import residual_init
+
+    ref, x = tiny_model("llama"), random_windows(4, 32, seed=7)
+    model = tiny_model("llama")
+    for n, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and n != "lm_head":
+            set_submodule(model, n, QuantLinear.from_result(rtn_result(m.weight.detach(), 3, 16, False)))
+    bare = _kl(ref, model, x)
+    add_lora(model, LoRAConfig(targets="all-linear", r=4, alpha=8))
+    assert _kl(ref, model, x) == pytest.approx(bare)                    # B = 0: still the bare base
+    left = init_from_reference(model, ref, "default", random_windows(16, 32, seed=1))
+    assert left and all(0 < v < 1 for v in left.values())
+    weighted = _kl(ref, model, x)
+    assert weighted < 0.8 * bare
+    for n, w in lora_layers(model).items():                            # the same adapters, unweighted fit
+        a = w.adapters["default"]
+        A, B = residual_init(base_weight(ref.get_submodule(n)) - base_weight(w.base), a.r, a.scale)
+        with torch.no_grad():
+            a.lora_A.copy_(A), a.lora_B.copy_(B)
+    assert weighted < _kl(ref, model, x) < bare
+
+
+def test_init_from_reference_at_full_rank_is_the_reference_layer():
+    from slimlm.adapt.lora import init_from_reference
+
+    ref, model, x = tiny_model("llama", seed=0), tiny_model("llama", seed=1), random_windows(2, 16)
+    add_lora(model, LoRAConfig(targets="q_proj", r=min(ref.model.layers[0].self_attn.q_proj.weight.shape)))
+    init_from_reference(model, ref, "default", random_windows(8, 32))
+    for n, w in lora_layers(model).items():
+        torch.testing.assert_close(base_weight(w.base) + w.adapters["default"].delta(),
+                                   ref.get_submodule(n).weight, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_a_model_of_other_shapes_is_refused():
+    from slimlm.adapt.lora import init_from_reference
+
+    model = tiny_model("llama")
+    add_lora(model, LoRAConfig(targets="q_proj", r=2))
+    other = tiny_model("gpt2")
+    with pytest.raises(ConfigError, match="reference model's model.layers.0.self_attn.q_proj is no such layer"):
+        init_from_reference(model, other, "default", random_windows(2, 16))
+    with pytest.raises(ConfigError, match="drop --dora or --init-from"):
+        LoRAConfig(dora=True, init_from="x")

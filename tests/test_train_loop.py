@@ -262,6 +262,30 @@ def test_lora_from_the_command_line_is_a_peft_folder_peft_loads(run_dir, tmp_pat
     assert (a - c).abs().max() > 1e-3                      # the adapter was trained: not the base
 
 
+def test_qlora_started_from_the_float_model_from_the_command_line(run_dir, tmp_path, capsys):
+    """--init-from: QLoRA on a 3-bit base whose adapters start at the residual to the float model it was made
+    from: the first step's loss is below the zero-start run's, the report says how much of the residual the
+    start leaves, and a reference of other shapes is refused in one line with nothing written."""
+    q = tmp_path / "q3"
+    assert main(["quantize", "--model", str(run_dir), "--method", "rtn", "--bits", "3", "--group-size", "16",
+                 "--output", str(q)]) == 0
+    common = ["train", "--model", str(q), "--method", "lora", "--targets", "all-linear", "--r", "4",
+              "--data", str(run_dir / "text.txt"), "--seqlen", "32", "--batch-size", "2", "--steps", "2",
+              "--lr", "1e-3"]
+    assert main(common + ["--output", str(tmp_path / "zero")]) == 0
+    assert main(common + ["--init-from", str(run_dir), "--init-samples", "4", "--output", str(tmp_path / "ref")]) == 0
+    assert losses(tmp_path / "ref")[0] < losses(tmp_path / "zero")[0]
+    info = json.loads((tmp_path / "ref" / "train_report.json").read_text())
+    assert 0 < info["init_residual_left_mean"] < 1, info
+    capsys.readouterr()
+    other = tmp_path / "other"
+    tiny_model("gpt2").save_pretrained(str(other), safe_serialization=True)
+    assert main(common + ["--init-from", str(other), "--output", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "give the model this base was made from" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
 def test_instruction_jsonl_from_the_command_line(run_dir, tmp_path):
     rows = [{"prompt": f"Q{i}?", "response": f" A{i}."} for i in range(12)]
     data = tmp_path / "chat.jsonl"

@@ -262,7 +262,8 @@ def _train(family: str, model: nn.Module, config: Any, data, train_config: Any, 
     try:
         plan = method.apply(model, config, TrainContext(tokenizer=tokenizer, model_ref=model_ref, seed=cfg.seed,
                                                        seqlen=cfg.seqlen, total_steps=cfg.total_steps(dist.world),
-                                                       teacher=teacher, teacher_cache=teacher_cache, lr=cfg.lr))
+                                                       teacher=teacher, teacher_cache=teacher_cache, lr=cfg.lr,
+                                                       data=data))
         import dataclasses
         run = {"model": model_ref, "method": method.name, "method_config": dataclasses.asdict(config),
                "data": getattr(data, "describe", lambda: None)()}

@@ -45,7 +45,7 @@ from slimlm.selection import PATTERN_HELP, name_matches, split_list
 __all__ = ["LoRAConfig", "LoRALinear", "LoRAAdapter", "add_lora", "lora_parameters", "set_adapter",
            "disable_adapters", "enable_adapters", "delete_adapter", "adapter_names", "merge_lora",
            "unmerge_lora", "remove_lora", "lora_layers", "adapter_layers", "linear_like_layers", "select_targets",
-           "attach", "check_new_name"]
+           "attach", "check_new_name", "init_from_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ class LoRAConfig:
     init: str = field(default="kaiming", metadata={"help": "initialisation of A: 'kaiming' (uniform, "
                                                            "nn.Linear's) or 'gaussian' (N(0, 1/r^2)); B "
                                                            "always starts at zero"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "a float model (folder or name) with the same layers, for instance the one a quantized base was "
+                "made from: A and B start as the rank-r update that brings each layer closest to that model's "
+                "weights, weighted by the layer's inputs on the first training windows (LoftQ / QERA); without "
+                "it the adapter starts at zero"})
+    init_samples: int = field(default=16, metadata={"help": "with init_from: training windows whose layer "
+                                                            "inputs weight the fit"})
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -90,6 +97,11 @@ class LoRAConfig:
                               f"it alone or list patterns instead, got {self.targets!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init_from is not None and self.dora:
+            raise ConfigError("init_from starts B A at the residual of plain LoRA; DoRA's magnitude has no such "
+                              "start: drop --dora or --init-from")
+        if isinstance(self.init_samples, bool) or not isinstance(self.init_samples, int) or self.init_samples < 1:
+            raise ConfigError(f"init_samples must be a positive number of windows, got {self.init_samples!r}")
 
     def target_patterns(self) -> list[str] | None:
         """The name patterns, or None for 'all-linear'."""
@@ -217,6 +229,43 @@ def add_lora(model: nn.Module, config: LoRAConfig, name: str = "default", *, see
     attach(model, name, adapters)
     log.info("adapter %r on %d layers (r=%d, %s)", name, len(adapters), config.r, "DoRA" if config.dora else "LoRA")
     return list(chosen)
+
+
+def init_from_reference(model: nn.Module, reference: nn.Module, name: str, windows: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Start adapter `name` near `reference`: on every layer it adapts, A and B become
+    slimlm.core.lora.residual_init of E = W_ref - W_base (W_base dequantized for a packed layer), weighted by
+    that layer's inputs on `windows` (N, L) in this model (the base alone: the adapter's start is not yet
+    in). Returns, per layer, the share of the input-weighted residual the rank-r update leaves:
+    tr((E - D) H (E - D)^T) / tr(E H E^T)."""
+    from slimlm.calibration.common import input_grams
+    from slimlm.core.lora import residual_init
+
+    held = adapter_layers(model, name)
+    ref_layers = dict(reference.named_modules())
+    for n, w in held.items():
+        a = w.adapters[name]
+        if a.dora:
+            raise ConfigError(f"{n}: a DoRA adapter cannot start from a reference model's residual")
+        r = ref_layers.get(n)
+        if r is None or not is_linear_like(r) or linear_dims(r) != linear_dims(w.base):
+            got = "no such layer" if r is None else f"{tuple(reversed(linear_dims(r)))}" if is_linear_like(r) \
+                else type(r).__name__
+            raise ConfigError(f"--init-from: the reference model's {n} is {got}, the base's "
+                              f"{tuple(reversed(linear_dims(w.base)))}; give the model this base was made from")
+    grams = input_grams(model, {n: w.base for n, w in held.items()}, windows, attention_mask=attention_mask)
+    left = {}
+    with torch.no_grad():
+        for n, w in held.items():
+            a = w.adapters[name]
+            E = base_weight(ref_layers[n]) - base_weight(w.base)
+            H = grams[n].to(E.device)
+            A, B = residual_init(E, a.r, a.scale, H)
+            a.lora_A.copy_(A.to(a.lora_A))
+            a.lora_B.copy_(B.to(a.lora_B))
+            R = E - a.scale * B @ A
+            left[n] = float(((R @ H) * R).sum() / ((E @ H) * E).sum().clamp_min(1e-30))
+    return left
 
 
 def adapter_names(model: nn.Module) -> list[str]:

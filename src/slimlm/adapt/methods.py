@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import logging
+
 import torch
 from torch import nn
 
@@ -23,6 +25,8 @@ from ..errors import ConfigError
 from ..registry import register
 from ..training.plan import TrainPlan
 from .lora import LoRAConfig, add_lora, lora_parameters
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +40,7 @@ class TrainContext:
     teacher: nn.Module | None = None          # distillation: the frozen teacher
     teacher_cache: dict | None = None         # distillation from a teacher-logit cache: its metadata
     lr: float | None = None                   # the run's peak learning rate
+    data: object = None                       # the training data (TrainData), for a method's own start
 
 
 @dataclass
@@ -135,13 +140,42 @@ def prepare_lora(model: nn.Module, config: LoRAConfig, ctx: TrainContext) -> Tra
         p.requires_grad_(False)
     layers = add_lora(model, config, "default", seed=ctx.seed)
     packed = runtime_modules(model)
+    residual = None
+    if config.init_from is not None:
+        residual = _lora_from_reference(model, config, ctx)
 
     def save(model: nn.Module, tokenizer, folder: Path) -> None:
         save_peft(model, folder, "default", base_model_ref=ctx.model_ref)
 
     info = {"method": "lora", **asdict(config), "adapted_layers": len(layers),
             "quantized_base_layers": len(packed)}
+    if residual:
+        info["init_residual_left_mean"] = sum(residual.values()) / len(residual)
     return TrainPlan(params=lora_parameters(model, "default"), save=save, info=info)
+
+
+def _lora_from_reference(model: nn.Module, config: LoRAConfig, ctx: TrainContext) -> dict[str, float]:
+    """LoRAConfig.init_from: the reference model loaded, the first init_samples windows of the training data
+    (the same on every process), adapter A, B set from the residual (adapt.lora.init_from_reference)."""
+    from ..models import load_model
+    from .lora import init_from_reference
+
+    if ctx.data is None or len(ctx.data) == 0:
+        raise ConfigError("--init-from needs training data to weight the fit by the layers' inputs")
+    ids, masks, i = [], [], 0
+    while sum(x.shape[0] for x in ids) < config.init_samples and i < len(ctx.data):
+        b = ctx.data.batch(i)
+        ids.append(b["input_ids"])
+        masks.append(b.get("attention_mask", torch.ones_like(b["input_ids"])))
+        i += 1
+    windows = torch.cat(ids)[:config.init_samples]
+    mask = torch.cat(masks)[:config.init_samples]
+    reference = load_model(config.init_from, device=next(model.parameters()).device)
+    left = init_from_reference(model, reference, "default", windows, None if bool(mask.all()) else mask)
+    del reference
+    log.info("adapter started from %s: %.1f%% of the input-weighted residual left on average", config.init_from,
+             100 * sum(left.values()) / max(len(left), 1))
+    return left
 
 
 def _final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:

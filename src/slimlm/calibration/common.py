@@ -132,15 +132,19 @@ def mirror_upper_(m: Tensor) -> None:
 
 
 def input_grams(model: nn.Module, modules: dict[str, nn.Module], windows: Tensor,
-                batch_size: int = 4) -> dict[str, Tensor]:
+                batch_size: int = 4, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
     """X^T X / n (in, in) fp32 of each named module's input over token `windows` (N, L), one plain forward of
-    the whole model per batch (forward pre-hooks; a module never called is left out)."""
+    the whole model per batch (forward pre-hooks; a module never called is left out). With an
+    `attention_mask` (N, L), padding positions (mask 0) are left out of X."""
     acc: dict[str, Tensor] = {}
     rows: dict[str, int] = {}
+    keep: list[Tensor | None] = [None]
 
     def hook(name):
         def pre(_m, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if keep[0] is not None and x.shape[0] == keep[0].numel():
+                x = x[keep[0]]
             if name not in acc:
                 acc[name] = x.new_zeros(x.shape[1], x.shape[1])
                 rows[name] = 0
@@ -150,16 +154,19 @@ def input_grams(model: nn.Module, modules: dict[str, nn.Module], windows: Tensor
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     device = next(model.parameters()).device
+    masks = [None] * len(windows.split(batch_size)) if attention_mask is None else attention_mask.split(batch_size)
     try:
         with torch.no_grad():
-            for x in windows.split(batch_size):
-                model(input_ids=x.to(device), use_cache=False)
+            for x, mask in zip(windows.split(batch_size), masks):
+                keep[0] = None if mask is None else mask.reshape(-1).bool().to(device)
+                model(input_ids=x.to(device), use_cache=False,
+                      **({} if mask is None else {"attention_mask": mask.to(device)}))
     finally:
         for h in handles:
             h.remove()
     for n, H in acc.items():
         mirror_upper_(H)
-        H.div_(rows[n])
+        H.div_(max(rows[n], 1))
     return acc
 
 

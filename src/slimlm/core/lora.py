@@ -65,6 +65,40 @@ def init_lora(out_features: int, in_features: int, r: int,
     return A, torch.zeros(out_features, r, dtype=dtype)
 
 
+def residual_init(residual: Tensor, r: int, scale: float, gram: Tensor | None = None, *,
+                  damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """(A (r, in), B (out, r)) with scale * B A the rank-r update closest to `residual` E = W_ref - W (out, in):
+    an adapter that starts the layer near a reference weight W_ref instead of at its base W (for a quantized
+    base W = Q(W_ref): LoftQ's first step, Li et al. 2023; weighted by the layer's inputs: QERA, Zhang et al.
+    2025).
+
+    Without `gram`: D = U_r S_r V_r^T from the SVD E = U S V^T, the minimiser of ||E - D||_F over rank-r D
+    (Eckart-Young).
+    With gram H = X^T X / n (in, in), the inputs' second moment: D minimises the expected output error
+        E_x ||x (E - D)^T||^2 = tr((E - D) H (E - D)^T) = ||(E - D) H^{1/2}||_F^2,
+    so D = [E H^{1/2}]_r H^{-1/2} with [.]_r the rank-r truncated SVD (QERA's closed form); H is damped to
+    H + damp * mean(diag H) * I first, which keeps H^{-1/2} finite for inputs that never vary.
+    The two factors share the singular values evenly: with [.]_r = U_r S_r V_r^T (times H^{-1/2}),
+        B = U_r S_r^{1/2} / sqrt(scale),   A = S_r^{1/2} V_r^T H^{-1/2} / sqrt(scale),   scale * B A = D.
+    Computed in float64, returned in E's dtype."""
+    if r <= 0 or r > min(residual.shape):
+        raise ConfigError(f"rank r must be in 1..{min(residual.shape)} for a {tuple(residual.shape)} weight, got {r}")
+    E = residual.double()
+    if gram is None:
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+        right = Vh[:r]
+    else:
+        H = gram.double()
+        H = H + damp * H.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny) * torch.eye(
+            H.shape[0], dtype=H.dtype, device=H.device)
+        lam, Q = torch.linalg.eigh(H)
+        lam = lam.clamp_min(lam.max() * torch.finfo(torch.float64).eps)
+        U, S, Vh = torch.linalg.svd(E @ (Q * lam.sqrt()) @ Q.T, full_matrices=False)
+        right = Vh[:r] @ (Q / lam.sqrt()) @ Q.T
+    root = S[:r].sqrt() / math.sqrt(scale)
+    return (root[:, None] * right).to(residual.dtype), (U[:, :r] * root).to(residual.dtype)
+
+
 def merge(W: Tensor, delta: Tensor) -> Tensor:
     """W + delta (both (out, in)): the weight of the adapted layer. Returns a new tensor."""
     return W + delta.to(W.dtype)

@@ -72,9 +72,11 @@ def _evaluate(model, teacher_logprobs) -> dict:
     return out
 
 
-def row_name(row: str, lr: float | None) -> str:
-    """The results key: the row, and its learning rate where it is not the benchmark's default."""
-    return row if lr is None or lr == LR["distill"] else f"{row}@lr{lr:g}"
+def row_name(row: str, lr: float | None, steps: int = 50) -> str:
+    """The results key: the row, its learning rate where it is not the benchmark's default, and its steps
+    where they are not the 50 of the benchmark's budget."""
+    name = row if lr is None or lr == LR["distill"] else f"{row}@lr{lr:g}"
+    return name if steps == 50 else f"{name}@{steps}steps"
 
 
 def run_one(row: str, steps: int, evaluate: bool = True, lr: float | None = None) -> dict:
@@ -94,7 +96,7 @@ def run_one(row: str, steps: int, evaluate: bool = True, lr: float | None = None
     else:
         student = slimlm.load_model(base_path(student_ref))
     lr = LR["distill"] if lr is None else lr
-    res: dict = {"row": row_name(row, lr), "student": student_ref, "init": extra.get("init", "pretrained"), "steps": steps,
+    res: dict = {"row": row_name(row, lr, steps), "student": student_ref, "init": extra.get("init", "pretrained"), "steps": steps,
                  "cpu": P.machine(), "run": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "student_parameters": sum(p.numel() for p in student.parameters()),
                  "teacher_parameters": sum(p.numel() for p in teacher.parameters())}
@@ -107,7 +109,7 @@ def run_one(row: str, steps: int, evaluate: bool = True, lr: float | None = None
                                  eval_every=max(1, steps // 2) if evaluate else 0)
         from safetensors.torch import load_file
         eval_w = load_file(str(WORK / "eval_persuasion.safetensors"))["windows"]
-        out = WORK / f"distill_{row_name(row, lr)}"
+        out = WORK / f"distill_{row_name(row, lr, steps)}"
         import shutil
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(str(out) + ".partial", ignore_errors=True)

@@ -160,3 +160,26 @@ def test_adamw8bit_tracks_fp32_adamw():
     assert 0 < rel < 0.05, rel                          # close, and not fp32 in disguise
     assert q_losses[-1] < 0.05 * q_losses[0]            # it does fit
     assert q_losses[-1] == pytest.approx(ref_losses[-1], rel=0.1)
+
+
+def test_adamw_is_torchs_fused_kernel_and_tracks_the_per_tensor_loop():
+    """make_optimizer's AdamW runs torch's fused kernel on CPU; five steps with weight decay land where the
+    per-tensor AdamW lands (the same update, another order of operations)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(5)]
+    runs = []
+    for fused in (True, False):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = (make_optimizer(ps, "adamw", lr=1e-2, weight_decay=0.1) if fused else
+               torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False))
+        assert bool(opt.defaults.get("fused")) == fused
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = gr.clone()
+            opt.step()
+        runs.append(ps)
+    for a, b, s in zip(*runs, start):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert (a - s).abs().max() > 1e-3                      # the steps moved the weights

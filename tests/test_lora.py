@@ -358,3 +358,20 @@ def test_init_from_a_model_of_other_shapes_is_refused():
         init_from_reference(model, other, "default", random_windows(2, 16))
     with pytest.raises(ConfigError, match="drop --dora or --init-from"):
         LoRAConfig(dora=True, init_from="x")
+
+
+def test_input_grams_leave_padding_out():
+    """With an attention mask, padded positions add nothing to X^T X / n: a right-padded row counts as its
+    first tokens alone (a causal model's earlier positions do not see the padding)."""
+    from slimlm.calibration.common import input_grams
+
+    model, x = tiny_model("llama"), random_windows(2, 16, seed=3)
+    mods = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
+    mask = torch.ones_like(x)
+    mask[0, 11:] = 0
+    got = input_grams(model, mods, x, attention_mask=mask)
+    a, b = input_grams(model, mods, x[:1, :11]), input_grams(model, mods, x[1:])
+    for n in mods:
+        torch.testing.assert_close(got[n], (11 * a[n] + 16 * b[n]) / 27, rtol=1e-4, atol=1e-6)
+    unmasked = input_grams(model, mods, x)
+    assert not torch.allclose(unmasked[next(iter(mods))], got[next(iter(mods))], rtol=1e-3, atol=1e-6)

@@ -275,6 +275,12 @@ def test_qlora_started_from_the_float_model_from_the_command_line(run_dir, tmp_p
     assert main(common + ["--output", str(tmp_path / "zero")]) == 0
     assert main(common + ["--init-from", str(run_dir), "--init-samples", "4", "--output", str(tmp_path / "ref")]) == 0
     assert losses(tmp_path / "ref")[0] < losses(tmp_path / "zero")[0]
+    chat = tmp_path / "chat.jsonl"                       # instruction batches: padded, each to its own width
+    chat.write_text("".join(json.dumps({"prompt": "Q " * (2 + i), "response": "A " * (1 + i)}) + "\n"
+                            for i in range(6)))
+    assert main(common[:common.index("--data")] + ["--data", str(chat), "--seqlen", "32", "--batch-size", "2",
+                                                   "--steps", "2", "--lr", "1e-3", "--init-from", str(run_dir),
+                                                   "--output", str(tmp_path / "chat")]) == 0
     info = json.loads((tmp_path / "ref" / "train_report.json").read_text())
     assert 0 < info["init_residual_left_mean"] < 1, info
     capsys.readouterr()

@@ -168,8 +168,9 @@ def _lora_from_reference(model: nn.Module, config: LoRAConfig, ctx: TrainContext
         ids.append(b["input_ids"])
         masks.append(b.get("attention_mask", torch.ones_like(b["input_ids"])))
         i += 1
-    windows = torch.cat(ids)[:config.init_samples]
-    mask = torch.cat(masks)[:config.init_samples]
+    width = max(x.shape[1] for x in ids)                  # instruction batches: each padded to its own width
+    windows = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in ids])[:config.init_samples]
+    mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])[:config.init_samples]
     reference = load_model(config.init_from, device=next(model.parameters()).device)
     left = init_from_reference(model, reference, "default", windows, None if bool(mask.all()) else mask)
     del reference

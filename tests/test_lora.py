@@ -375,3 +375,17 @@ def test_input_grams_leave_padding_out():
         torch.testing.assert_close(got[n], (11 * a[n] + 16 * b[n]) / 27, rtol=1e-4, atol=1e-6)
     unmasked = input_grams(model, mods, x)
     assert not torch.allclose(unmasked[next(iter(mods))], got[next(iter(mods))], rtol=1e-3, atol=1e-6)
+
+
+def test_init_from_the_base_itself_keeps_the_fresh_start():
+    """A reference equal to the base leaves nothing to fit: the adapters keep A random and B zero (a fit of
+    A = B = 0 would never receive a gradient)."""
+    from slimlm.adapt.lora import init_from_reference
+
+    model, x = tiny_model("llama"), random_windows(2, 16)
+    add_lora(model, LoRAConfig(targets="q_proj", r=2))
+    before = {n: w.adapters["default"].lora_A.detach().clone() for n, w in lora_layers(model).items()}
+    left = init_from_reference(model, tiny_model("llama"), "default", x)
+    for n, w in lora_layers(model).items():
+        assert torch.equal(w.adapters["default"].lora_A, before[n]) and not w.adapters["default"].lora_B.any()
+        assert left[n] == 0.0

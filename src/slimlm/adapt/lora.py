@@ -236,8 +236,8 @@ def init_from_reference(model: nn.Module, reference: nn.Module, name: str, windo
     """Start adapter `name` near `reference`: on every layer it adapts, A and B become
     slimlm.core.lora.residual_init of E = W_ref - W_base (W_base dequantized for a packed layer), weighted by
     that layer's inputs on `windows` (N, L) in this model (the base alone: the adapter's start is not yet
-    in). Returns, per layer, the share of the input-weighted residual the rank-r update leaves:
-    tr((E - D) H (E - D)^T) / tr(E H E^T)."""
+    in). A layer whose weight equals the reference's keeps its fresh start. Returns, per layer, the share of
+    the input-weighted residual the rank-r update leaves: tr((E - D) H (E - D)^T) / tr(E H E^T)."""
     from slimlm.calibration.common import input_grams
     from slimlm.core.lora import residual_init
 
@@ -259,6 +259,9 @@ def init_from_reference(model: nn.Module, reference: nn.Module, name: str, windo
         for n, w in held.items():
             a = w.adapters[name]
             E = base_weight(ref_layers[n]) - base_weight(w.base)
+            if not bool(E.any()):         # the reference's layer is the base's: keep the fresh start (A random,
+                left[n] = 0.0             # B zero), which trains; A = B = 0 would get no gradient at all
+                continue
             H = grams[n].to(E.device)
             A, B = residual_init(E, a.r, a.scale, H)
             a.lora_A.copy_(A.to(a.lora_A))

@@ -12,10 +12,9 @@ loop a TrainPlan (slimlm.training.plan).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import logging
 
 import torch
 from torch import nn

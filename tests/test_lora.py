@@ -340,7 +340,7 @@ def test_init_from_reference_starts_a_quantized_base_near_the_float_model():
 def test_init_from_reference_at_full_rank_is_the_reference_layer():
     from slimlm.adapt.lora import init_from_reference
 
-    ref, model, x = tiny_model("llama", seed=0), tiny_model("llama", seed=1), random_windows(2, 16)
+    ref, model = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     add_lora(model, LoRAConfig(targets="q_proj", r=min(ref.model.layers[0].self_attn.q_proj.weight.shape)))
     init_from_reference(model, ref, "default", random_windows(8, 32))
     for n, w in lora_layers(model).items():

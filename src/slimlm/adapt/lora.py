@@ -74,7 +74,8 @@ class LoRAConfig:
         "help": "a float model (folder or name) with the same layers, for instance the one a quantized base was "
                 "made from: A and B start as the rank-r update that brings each layer closest to that model's "
                 "weights, weighted by the layer's inputs on the first training windows (LoftQ / QERA); without "
-                "it the adapter starts at zero"})
+                "it the adapter starts at zero. Keep such an adapter beside its base: merging it into a quantized "
+                "grid rounds the start away again"})
     init_samples: int = field(default=16, metadata={"help": "with init_from: training windows whose layer "
                                                             "inputs weight the fit"})
 

@@ -52,9 +52,8 @@ def param_groups(params: Iterable[Tensor], weight_decay: float,
 
 def _fusable(params: list[Tensor]) -> bool | None:
     """True where torch's fused AdamW takes every tensor (one device type, CPU or CUDA; float dtypes): one
-    kernel over each tensor instead of a dozen elementwise passes; on CPU torch otherwise runs the
-    per-tensor loop (78M parameters: 1.57 s a step against 0.40 s fused, measured here on 2 cores).
-    None leaves torch's default."""
+    kernel over each tensor instead of a dozen elementwise passes, where on CPU torch would otherwise run
+    its per-tensor loop (several times slower: bench/RESULTS.md). None leaves torch's default."""
     kinds = {p.device.type for p in params}
     ok = len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(
         p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
